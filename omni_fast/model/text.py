@@ -1,0 +1,110 @@
+"""The Thinker's text decoder: Qwen2 (GQA, q/k/v bias, SwiGLU, RMSNorm) with multimodal 3-axis RoPE."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from omni_fast.config.model_config import TextConfig
+from omni_fast.model.layers import Embedding, Linear, RMSNorm, apply_rotary, silu
+from omni_fast.ops import attention_reference, causal_padding_mask_bias
+
+
+def mrope_axis_per_frequency(mrope_section: list[int], head_dim: int) -> np.ndarray:
+    """Which position axis (0 t, 1 h, 2 w) drives each of the head_dim/2 rotary frequencies.
+
+    transformers splits cat(freqs, freqs) into ``mrope_section * 2`` pieces and takes piece k from axis k % 3;
+    both halves then use the same axis per frequency, so one index over head_dim/2 describes it.
+    """
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(
+            f"mrope_section {mrope_section} sums to {sum(mrope_section)}, expected head_dim/2 = {head_dim // 2}"
+        )
+    return np.concatenate([np.full(n, axis % 3, dtype=np.int32) for axis, n in enumerate(mrope_section)])
+
+
+class TextAttention(nn.Cell):
+    def __init__(self, cfg: TextConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        h = cfg.hidden_size
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, True, param_dtype, compute_dtype)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, True, param_dtype, compute_dtype)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, param_dtype, compute_dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, False, param_dtype, compute_dtype)
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out = attention_reference(q, k, v, mask_bias, self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class TextMLP(nn.Cell):
+    def __init__(self, cfg: TextConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, False, param_dtype, compute_dtype)
+        self.up_proj = Linear(h, i, False, param_dtype, compute_dtype)
+        self.down_proj = Linear(i, h, False, param_dtype, compute_dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: TextConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
+        super().__init__()
+        self.self_attn = TextAttention(cfg, param_dtype, compute_dtype)
+        self.mlp = TextMLP(cfg, param_dtype, compute_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, compute_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, compute_dtype)
+
+    def construct(self, h: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask_bias)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Cell):
+    """Embedding, decoder layers and the final norm (``thinker.model`` in transformers)."""
+
+    def __init__(self, cfg: TextConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, param_dtype, compute_dtype)
+        self.layers = nn.CellList([DecoderLayer(cfg, param_dtype, compute_dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, compute_dtype)
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.int64).astype(np.float32) * 2 / cfg.head_dim))
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))
+        self.axis_per_frequency = Tensor(mrope_axis_per_frequency(cfg.mrope_section, cfg.head_dim))
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)
+
+    def rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """[3, B, S] positions -> cos, sin [B, 1, S, head_dim] with each frequency driven by its mRoPE axis."""
+        pos = position_ids.transpose(1, 2, 0)  # [B, S, 3]
+        pos = ops.gather(pos, self.axis_per_frequency, 2).astype(ms.float32)  # [B, S, head_dim/2]
+        freqs = pos * self.inv_freq
+        emb = ops.cat((freqs, freqs), -1)
+        b, s, d = emb.shape
+        cos = ops.cos(emb).astype(self.compute_dtype).reshape(b, 1, s, d)
+        sin = ops.sin(emb).astype(self.compute_dtype).reshape(b, 1, s, d)
+        return cos, sin
+
+    def construct(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        cos, sin = self.rotary(position_ids)
+        mask_bias = causal_padding_mask_bias(attention_mask)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask_bias)
+        return self.norm(h)

@@ -1,0 +1,1 @@
+"""Training entry points (``python -m omni_fast.train``)."""
