@@ -13,5 +13,5 @@ def test_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed (it is in the [test] extra)")
-    result = subprocess.run([ruff, "check", "omni_fast", "tests", "bench"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

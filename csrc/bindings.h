@@ -1,0 +1,9 @@
+// omni_fast._C: each op registers its functions from its own <op>_bindings.cpp.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_rms_norm(py::module_& m);
