@@ -16,5 +16,9 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How the kernels were built: CPU features detected at build time, arch flags, OpenMP threads.");
+  register_attention(m);
+  register_convert(m);
   register_rms_norm(m);
+  register_rope_index(m);
+  register_scatter(m);
 }

@@ -6,4 +6,8 @@
 
 namespace py = pybind11;
 
+void register_attention(py::module_& m);
+void register_convert(py::module_& m);
 void register_rms_norm(py::module_& m);
+void register_rope_index(py::module_& m);
+void register_scatter(py::module_& m);

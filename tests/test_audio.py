@@ -127,11 +127,11 @@ def test_audio_output_lengths_formula(hf_tiny):
 def test_prepare_plan_is_consistent():
     lengths = np.array([450, 1, 200, 613])
     cfg = tiny_audio_config()
-    _, _, mel_mask, keep_index, segment_ids, pool_index = prepare_audio_inputs(lengths, cfg)
+    _, _, mel_mask, keep_index, cu_seqlens, pool_index = prepare_audio_inputs(lengths, cfg)
     assert mel_mask.sum() == lengths.sum()
-    assert keep_index.size == segment_ids.size == ((lengths - 1) // 2 + 1).sum()
+    assert keep_index.size == cu_seqlens[-1] == ((lengths - 1) // 2 + 1).sum()
     assert pool_index.size == audio_output_lengths(lengths).sum()
-    assert np.array_equal(np.bincount(segment_ids), [100, 100, 25, 1, 100, 100, 100, 100, 7])
+    assert np.array_equal(np.diff(cu_seqlens, prepend=0), [100, 100, 25, 1, 100, 100, 100, 100, 7])
 
 
 @pytest.mark.parametrize("lengths, bad", [([5, 0, 3], 1), ([-2], 0), ([7, 8, -1], 2)])

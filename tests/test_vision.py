@@ -90,13 +90,11 @@ def test_plan_matches_transformers(hf_tiny, case: str) -> None:
     index, cu_window = hf_tiny.visual.get_window_index(torch.from_numpy(grid))
     np.testing.assert_array_equal(plan.window_index, index.numpy())
     np.testing.assert_array_equal(plan.window_index[plan.reverse_index], np.arange(len(index)))
-    # Segment boundaries (where the id changes) are exactly transformers' non-empty cu_window_seqlens.
-    bounds = np.flatnonzero(np.diff(plan.window_segments)) + 1
+    # Window ends are exactly transformers' non-empty cu_window_seqlens.
     expected = np.unique(np.asarray(cu_window))
-    np.testing.assert_array_equal(np.concatenate([[0], bounds, [len(plan.window_segments)]]), expected)
+    np.testing.assert_array_equal(np.concatenate([[0], plan.window_cu_seqlens]), expected)
     slice_lens = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    np.testing.assert_array_equal(np.bincount(plan.full_segments), slice_lens)
-    assert (np.diff(plan.full_segments) >= 0).all()  # temporal slices stay contiguous in window order
+    np.testing.assert_array_equal(np.diff(plan.full_cu_seqlens, prepend=0), slice_lens)
     # Rotary tables: transformers' rot_pos_emb permuted by the window index, per merge unit.
     unit = cfg.spatial_merge_size**2
     rot = hf_tiny.visual.rot_pos_emb(torch.from_numpy(grid)).numpy()

@@ -5,7 +5,7 @@ to the longest one, runs conv1 -> GELU -> mel mask -> conv2 (stride 2) -> GELU, 
 in every chunk, keeps the valid frames, runs the layers with attention confined to each chunk, and finally
 average-pools (2, 2) per audio before ``ln_post`` and ``proj``.
 
-Here every data-dependent index (chunking, padding, which conv2 outputs are valid, segment ids, pooling pairs) is
+Here every data-dependent index (chunking, padding, which conv2 outputs are valid, chunk ends, pooling pairs) is
 computed once on the host by :func:`prepare_audio_inputs`; :meth:`AudioEncoder.construct` is pure tensor ops with
 static shapes, so it runs the same in PyNative and under ``ms.jit``. The convs are im2col (one gather / one concat)
 plus a matmul, because MindSpore's CPU conv kernels are unreliable across modes.
@@ -22,7 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import AudioConfig
 from omni_fast.model.layers import LayerNorm, Linear, gelu, new_parameter
-from omni_fast.ops.reference import attention_reference, segment_mask_bias
+from omni_fast.ops import FlashAttention
 from omni_fast.ops.rope_index import audio_token_count
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, used by every norm of the tower
@@ -44,7 +44,8 @@ def prepare_audio_inputs(feature_lengths: np.ndarray, cfg: AudioConfig) -> tuple
       ``n_audio``, which ``construct`` maps to an all-zero row.
     * ``mel_mask`` [C, P, 1] float32: 1 on the chunk's valid mel frames (applied after conv1 + GELU).
     * ``keep_index`` [N] int32: rows of the flattened [C * P2] conv2 output that are valid, in audio/time order.
-    * ``segment_ids`` [N] int32: the chunk of each packed frame (attention stays inside a chunk).
+    * ``cu_seqlens`` [C] int64: cumulative ends of the chunks over the packed frames (attention stays inside a
+      chunk).
     * ``pool_index`` [M] int32: first packed row of each avg-pool pair (the second is the next row).
     """
     lengths = np.asarray(feature_lengths)
@@ -82,7 +83,7 @@ def prepare_audio_inputs(feature_lengths: np.ndarray, cfg: AudioConfig) -> tuple
         raise ValueError(f"chunk of {p} frames needs {p2} positions > max_source_positions {cfg.max_source_positions}")
     cnn_len = (chunk_len - 1) // 2 + 1
     keep_index = np.flatnonzero((np.arange(p2)[None, :] < cnn_len[:, None]).reshape(-1))
-    segment_ids = np.repeat(np.arange(n_total), cnn_len)
+    cu_seqlens = np.cumsum(cnn_len)
 
     # Avg-pool (2, 2, floor) per audio over that audio's packed rows.
     after_cnn = (lengths - 1) // 2 + 1
@@ -98,7 +99,7 @@ def prepare_audio_inputs(feature_lengths: np.ndarray, cfg: AudioConfig) -> tuple
         tap_frame.astype(i32),
         mel_mask,
         keep_index.astype(i32),
-        segment_ids.astype(i32),
+        cu_seqlens.astype(np.int64),
         pool_index.astype(i32),
     )
 
@@ -149,7 +150,7 @@ class FrozenTable(nn.Cell):
 
 
 class AudioAttention(nn.Cell):
-    """Bidirectional multi-head attention over packed frames; ``mask_bias`` confines it to each chunk."""
+    """Bidirectional multi-head attention over packed frames, confined to each chunk (TND flash attention)."""
 
     def __init__(self, cfg: AudioConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
         super().__init__()
@@ -164,20 +165,19 @@ class AudioAttention(nn.Cell):
         self.v_proj = Linear(d, d, True, param_dtype, compute_dtype)
         self.q_proj = Linear(d, d, True, param_dtype, compute_dtype)
         self.out_proj = Linear(d, d, True, param_dtype, compute_dtype)
+        self.attention = FlashAttention(self.num_heads, self.scale, "TND", dtype=compute_dtype, head_dim=self.head_dim)
 
     def _heads(self, x: Tensor) -> Tensor:
-        # [N, D] -> [1, H, N, hd] (BNSD with batch 1)
-        n = x.shape[0]
-        return x.reshape(n, self.num_heads, self.head_dim).transpose(1, 0, 2).reshape(1, self.num_heads, n, -1)
+        # [N, D] -> [N, H, hd] (TND)
+        return x.reshape(x.shape[0], self.num_heads, self.head_dim)
 
-    def construct(self, x: Tensor, mask_bias: Tensor) -> Tensor:
+    def construct(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
         n = x.shape[0]
         q = self._heads(self.q_proj(x))
         k = self._heads(self.k_proj(x))
         v = self._heads(self.v_proj(x))
-        out = attention_reference(q, k, v, mask_bias, self.scale)
-        out = out.reshape(self.num_heads, n, self.head_dim).transpose(1, 0, 2).reshape(n, -1)
-        return self.out_proj(out)
+        out = self.attention(q, k, v, cu_seqlens, cu_seqlens)
+        return self.out_proj(out.reshape(n, -1))
 
 
 class AudioEncoderLayer(nn.Cell):
@@ -192,8 +192,8 @@ class AudioEncoderLayer(nn.Cell):
         self.fc2 = Linear(cfg.encoder_ffn_dim, d, True, param_dtype, compute_dtype)
         self.final_layer_norm = LayerNorm(d, LAYER_NORM_EPS, param_dtype)
 
-    def construct(self, x: Tensor, mask_bias: Tensor) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask_bias)
+    def construct(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
         return x + self.fc2(gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -225,7 +225,7 @@ class AudioEncoder(nn.Cell):
         tap_frame: Tensor,
         mel_mask: Tensor,
         keep_index: Tensor,
-        segment_ids: Tensor,
+        cu_seqlens: Tensor,
         pool_index: Tensor,
     ) -> Tensor:
         """[n_audio, n_mels, T_pad] + the arrays of :func:`prepare_audio_inputs` -> [M, output_dim]."""
@@ -249,9 +249,8 @@ class AudioEncoder(nn.Cell):
         h = gelu(self.conv2(cols)) + self.positions[:p2].astype(cd)  # positions restart in every chunk
 
         x = ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
-        mask_bias = segment_mask_bias(segment_ids)  # built once, shared by all layers
         for layer in self.layers:
-            x = layer(x, mask_bias)
+            x = layer(x, cu_seqlens)
 
         pooled = (ops.gather(x, pool_index, 0) + ops.gather(x, pool_index + 1, 0)) * 0.5
         return self.proj(self.ln_post(pooled))

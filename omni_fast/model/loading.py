@@ -54,7 +54,6 @@ def _listing(names: Iterable[str], limit: int = 20) -> str:
 
 def load_state_into(model: nn.Cell, model_dir: Path) -> None:
     """Copy every thinker tensor of ``model_dir`` into ``model``; raise listing any mismatch."""
-    params = dict(model.parameters_and_names())
     loaded: dict[str, ms.Parameter] = {}
     for file in safetensors_files(model_dir):
         tensors = ms.load_checkpoint(
@@ -62,6 +61,21 @@ def load_state_into(model: nn.Cell, model_dir: Path) -> None:
         )
         for name, tensor in tensors.items():
             loaded[thinker_key(name)] = tensor
+    assign_state(model, loaded, model_dir)
+
+
+def load_mm_state_into(model: nn.Cell, mm_dir: Path) -> None:
+    """Same from a MindSpeed-MM checkpoint directory (its latest iteration, any PP/TP layout); ``model`` is a
+    ``Qwen2_5OmniThinker``, whose config the MM layout needs."""
+    from omni_fast.convert import read_mm_thinker  # here: omni_fast.convert imports this module
+
+    tensors = read_mm_thinker(mm_dir, model.config)
+    assign_state(model, {name: ms.Tensor(value) for name, value in tensors.items()}, mm_dir)
+
+
+def assign_state(model: nn.Cell, loaded: dict[str, ms.Tensor], source: Path) -> None:
+    """Set every parameter of ``model`` from ``loaded`` (cast to the parameter dtype); raise listing any mismatch."""
+    params = dict(model.parameters_and_names())
     missing = params.keys() - loaded.keys()
     unexpected = loaded.keys() - params.keys()
     misshaped = [
@@ -77,7 +91,7 @@ def load_state_into(model: nn.Cell, model_dir: Path) -> None:
     if misshaped:
         problems.append(f"wrong shape ({len(misshaped)}): {_listing(misshaped)}")
     if problems:
-        raise ValueError(f"{model_dir}: checkpoint does not match the Thinker config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source}: checkpoint does not match the Thinker config:\n  " + "\n  ".join(problems))
     for name, param in params.items():
         tensor = loaded[name]
         param.set_data(tensor if tensor.dtype == param.dtype else tensor.astype(param.dtype))

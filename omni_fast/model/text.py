@@ -8,7 +8,7 @@ from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import TextConfig
 from omni_fast.model.layers import Embedding, Linear, RMSNorm, apply_rotary, silu
-from omni_fast.ops import attention_reference, causal_padding_mask_bias
+from omni_fast.ops import FlashAttention
 
 
 def mrope_axis_per_frequency(mrope_section: list[int], head_dim: int) -> np.ndarray:
@@ -24,6 +24,22 @@ def mrope_axis_per_frequency(mrope_section: list[int], head_dim: int) -> np.ndar
     return np.concatenate([np.full(n, axis % 3, dtype=np.int32) for axis, n in enumerate(mrope_section)])
 
 
+def padded_row_segments(attention_mask: Tensor) -> Tensor:
+    """[B, S] (1 = real token, one contiguous run per row) -> int64 [3B] cumulative segment ends over B*S rows.
+
+    Each row gives (padding before, its tokens, padding after); zero-length segments repeat the previous end. Left,
+    right or no padding all fit. Padding rows attend only among themselves: their outputs are finite, unused and
+    excluded from the loss (transformers' eager attention averages all values there instead).
+    """
+    b, s = attention_mask.shape
+    valid = attention_mask > 0
+    pos = ops.broadcast_to(ops.arange(s, dtype=ms.int64).reshape(1, s), (b, s))
+    first = ops.amin(ops.where(valid, pos, ops.full_like(pos, s)), 1)
+    count = valid.astype(ms.int64).sum(1).astype(ms.int64)
+    start = ops.arange(b, dtype=ms.int64) * s + ops.minimum(first, s - count)
+    return ops.stack((start, start + count, ops.arange(1, b + 1, dtype=ms.int64) * s), 1).reshape(-1)
+
+
 class TextAttention(nn.Cell):
     def __init__(self, cfg: TextConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
         super().__init__()
@@ -36,16 +52,20 @@ class TextAttention(nn.Cell):
         self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, True, param_dtype, compute_dtype)
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, True, param_dtype, compute_dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, False, param_dtype, compute_dtype)
+        # Rows flattened to TND with three segments per row (padding before, tokens, padding after), causal inside
+        # each: real tokens see exactly the earlier real tokens of their row, as with transformers' mask.
+        self.attention = FlashAttention(
+            self.num_heads, self.scale, "TND", sparse_mode=2, dtype=compute_dtype, head_dim=self.head_dim
+        )
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, segment_ends: Tensor) -> Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        out = attention_reference(q, k, v, mask_bias, self.scale)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, s, self.num_heads * self.head_dim))
+        q = apply_rotary(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b * s, self.num_kv_heads, self.head_dim)
+        shape_q, shape_kv = (b * s, self.num_heads, self.head_dim), (b * s, self.num_kv_heads, self.head_dim)
+        out = self.attention(q.reshape(shape_q), k.reshape(shape_kv), v, segment_ends, segment_ends)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
 class TextMLP(nn.Cell):
@@ -68,8 +88,8 @@ class DecoderLayer(nn.Cell):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, compute_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype, compute_dtype)
 
-    def construct(self, h: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask_bias)
+    def construct(self, h: Tensor, cos: Tensor, sin: Tensor, segment_ends: Tensor) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ends)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -91,20 +111,20 @@ class TextModel(nn.Cell):
         return self.embed_tokens(input_ids)
 
     def rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """[3, B, S] positions -> cos, sin [B, 1, S, head_dim] with each frequency driven by its mRoPE axis."""
+        """[3, B, S] positions -> cos, sin [B, S, 1, head_dim] with each frequency driven by its mRoPE axis."""
         pos = position_ids.transpose(1, 2, 0)  # [B, S, 3]
         pos = ops.gather(pos, self.axis_per_frequency, 2).astype(ms.float32)  # [B, S, head_dim/2]
         freqs = pos * self.inv_freq
         emb = ops.cat((freqs, freqs), -1)
         b, s, d = emb.shape
-        cos = ops.cos(emb).astype(self.compute_dtype).reshape(b, 1, s, d)
-        sin = ops.sin(emb).astype(self.compute_dtype).reshape(b, 1, s, d)
+        cos = ops.cos(emb).astype(self.compute_dtype).reshape(b, s, 1, d)
+        sin = ops.sin(emb).astype(self.compute_dtype).reshape(b, s, 1, d)
         return cos, sin
 
     def construct(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         cos, sin = self.rotary(position_ids)
-        mask_bias = causal_padding_mask_bias(attention_mask)
+        segment_ends = padded_row_segments(attention_mask)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, mask_bias)
+            h = layer(h, cos, sin, segment_ends)
         return self.norm(h)

@@ -26,8 +26,8 @@ from omni_fast.model.loading import load_state_into
 from omni_fast.model.text import TextModel
 from omni_fast.model.vision import VisionEncoder, prepare_vision_inputs
 from omni_fast.ops import dispatch
-from omni_fast.ops.reference import multimodal_scatter_reference
-from omni_fast.ops.rope_index import get_rope_index_reference
+from omni_fast.ops.rope_index import get_rope_index
+from omni_fast.ops.scatter import check_placeholder_counts, multimodal_scatter
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16}
@@ -57,22 +57,30 @@ class PreparedBatch:
             if value is None:
                 return None
             if isinstance(value, tuple):
-                return tuple(Tensor(v) for v in value)
+                # mutable: under ms.jit a plain tuple of tensors is a constant, and new values would recompile.
+                return ms.mutable(tuple(Tensor(v) for v in value))
             return Tensor(value)
 
         return tuple(tensor(getattr(self, f.name)) for f in fields(self))
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean cross entropy of logits[:, :-1] against labels[:, 1:], ignoring -100, in float32."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Cross entropy of logits[:, :-1] against labels[:, 1:] in float32, ignoring -100.
+
+    Without ``weights``: the mean over valid tokens (transformers' loss). With ``weights`` [B, S-1] (zero where the
+    shifted label is ignored): ``sum(nll * weights)`` — the trainer's loss modes are all such weightings.
+    """
     logits = logits[:, :-1].astype(ms.float32)
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
     safe_target = ops.where(valid, target, ops.zeros_like(target))
     log_probs = ops.log_softmax(logits, -1)
     picked = ops.gather_elements(log_probs, 2, safe_target.reshape(*safe_target.shape, 1).astype(ms.int64))
+    nll = -picked.reshape(target.shape)
     valid_f = valid.astype(ms.float32)
-    return -(picked.reshape(valid_f.shape) * valid_f).sum() / ops.maximum(valid_f.sum(), 1.0)
+    if weights is not None:
+        return (nll * valid_f * weights).sum()
+    return (nll * valid_f).sum() / ops.maximum(valid_f.sum(), 1.0)
 
 
 def _to_numpy(value: Any, dtype: Any | None = None) -> np.ndarray | None:
@@ -115,7 +123,7 @@ class Qwen2_5OmniThinker(nn.Cell):
         return model
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        """Fresh weights for smoke runs and benchmarks: normal(0, std) matrices, unit norm scales, zero biases."""
+        """Fresh weights (training from scratch, tests): normal(0, std) matrices, unit norm scales, zero biases."""
         rng = np.random.default_rng(seed)
         norm_scales = {id(c.weight) for _, c in self.cells_and_names() if isinstance(c, (RMSNorm, LayerNorm))}
         for _, param in self.parameters_and_names():
@@ -142,6 +150,7 @@ class Qwen2_5OmniThinker(nn.Cell):
         feature_attention_mask: Any = None,
         use_audio_in_video: bool = False,
         labels: Any = None,
+        position_ids: Any = None,
     ) -> PreparedBatch:
         """Check the inputs against each other and compute the host-side plan (numpy)."""
         cfg = self.config
@@ -155,53 +164,57 @@ class Qwen2_5OmniThinker(nn.Cell):
         image = video = audio = None
         image_grid = _to_numpy(image_grid_thw, np.int64)
         video_grid = _to_numpy(video_grid_thw, np.int64)
-        audio_lengths = None
+        audio_lengths = image_rows = video_rows = audio_rows = None
         if pixel_values is not None:
             if image_grid is None:
                 raise ValueError("pixel_values given without image_grid_thw")
-            tokens = int((image_grid.prod(-1) // cfg.vision.spatial_merge_size**2).sum())
-            _check_placeholders(ids, cfg.image_token_id, tokens, "image")
+            image_rows = int((image_grid.prod(-1) // cfg.vision.spatial_merge_size**2).sum())
             image = (_to_numpy(pixel_values, np.float32), *prepare_vision_inputs(image_grid, cfg.vision))
         if pixel_values_videos is not None:
             if video_grid is None:
                 raise ValueError("pixel_values_videos given without video_grid_thw")
             if video_second_per_grid is None:
                 raise ValueError("pixel_values_videos given without video_second_per_grid")
-            tokens = int((video_grid.prod(-1) // cfg.vision.spatial_merge_size**2).sum())
-            _check_placeholders(ids, cfg.video_token_id, tokens, "video")
+            video_rows = int((video_grid.prod(-1) // cfg.vision.spatial_merge_size**2).sum())
             video = (_to_numpy(pixel_values_videos, np.float32), *prepare_vision_inputs(video_grid, cfg.vision))
         if input_features is not None:
             if feature_attention_mask is None:
                 raise ValueError("input_features given without feature_attention_mask")
             audio_lengths = _to_numpy(feature_attention_mask).sum(-1).astype(np.int64)
-            _check_placeholders(ids, cfg.audio_token_id, int(audio_output_lengths(audio_lengths).sum()), "audio")
+            audio_rows = int(audio_output_lengths(audio_lengths).sum())
             audio = (_to_numpy(input_features, np.float32), *prepare_audio_inputs(audio_lengths, cfg.audio))
-        for name, token_id, present in (
-            ("image", cfg.image_token_id, image),
-            ("video", cfg.video_token_id, video),
-            ("audio", cfg.audio_token_id, audio),
-        ):
-            if present is None and (ids == token_id).any():
-                raise ValueError(f"input_ids hold {name} placeholders (id {token_id}) but no {name} inputs were given")
-
-        second_per_grid = _to_numpy(video_second_per_grid, np.float64)
-        position_ids, _ = get_rope_index_reference(
+        check_placeholder_counts(
             ids,
-            image_grid,
-            video_grid,
-            mask,
-            use_audio_in_video=bool(use_audio_in_video),
-            audio_seqlens=audio_lengths,
-            second_per_grids=second_per_grid,
-            spatial_merge_size=cfg.vision.spatial_merge_size,
+            image_rows=image_rows,
+            video_rows=video_rows,
+            audio_rows=audio_rows,
             image_token_id=cfg.image_token_id,
             video_token_id=cfg.video_token_id,
             audio_token_id=cfg.audio_token_id,
-            vision_start_token_id=cfg.vision_start_token_id,
-            audio_start_token_id=cfg.audio_start_token_id,
-            position_id_per_seconds=cfg.position_id_per_seconds,
-            seconds_per_chunk=cfg.seconds_per_chunk,
         )
+
+        second_per_grid = _to_numpy(video_second_per_grid, np.float64)
+        position_ids = _to_numpy(position_ids, np.int64)
+        if position_ids is None:  # else given by the data collator (per row: rows may differ in use_audio_in_video)
+            position_ids, _ = get_rope_index(
+                ids,
+                image_grid,
+                video_grid,
+                mask,
+                use_audio_in_video=bool(use_audio_in_video),
+                audio_seqlens=audio_lengths,
+                second_per_grids=second_per_grid,
+                spatial_merge_size=cfg.vision.spatial_merge_size,
+                image_token_id=cfg.image_token_id,
+                video_token_id=cfg.video_token_id,
+                audio_token_id=cfg.audio_token_id,
+                vision_start_token_id=cfg.vision_start_token_id,
+                audio_start_token_id=cfg.audio_start_token_id,
+                position_id_per_seconds=cfg.position_id_per_seconds,
+                seconds_per_chunk=cfg.seconds_per_chunk,
+            )
+        elif position_ids.shape != (3, *ids.shape):
+            raise ValueError(f"position_ids shape {position_ids.shape} != (3, *input_ids.shape) = {(3, *ids.shape)}")
         label_array = _to_numpy(labels, np.int32)
         if label_array is not None and label_array.shape != ids.shape:
             raise ValueError(f"labels shape {label_array.shape} differs from input_ids shape {ids.shape}")
@@ -226,33 +239,25 @@ class Qwen2_5OmniThinker(nn.Cell):
         image: tuple | None,
         video: tuple | None,
         audio: tuple | None,
+        loss_weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (and the loss when labels are given) for a prepared batch."""
-        embeds = self.model.embed(input_ids)
-        features = []
-        if audio is not None:
-            features.append((self.config.audio_token_id, self.audio_tower(*audio)))
-        if image is not None:
-            features.append((self.config.image_token_id, self.visual(*image)))
-        if video is not None:
-            features.append((self.config.video_token_id, self.visual(*video)))
-        if features:
-            embeds = multimodal_scatter_reference(embeds, input_ids, features)
+        """Logits (and the loss when labels are given; weighted per token with ``loss_weights``)."""
+        cfg = self.config
+        embeds = multimodal_scatter(
+            self.model.embed(input_ids),
+            input_ids,
+            image_embeds=None if image is None else self.visual(*image),
+            video_embeds=None if video is None else self.visual(*video),
+            audio_embeds=None if audio is None else self.audio_tower(*audio),
+            image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id,
+            audio_token_id=cfg.audio_token_id,
+        )
         hidden = self.model(embeds, attention_mask, position_ids)
         logits = self.lm_head(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = causal_lm_loss(logits, labels, loss_weights) if labels is not None else None
         return logits, loss
 
     def construct(self, input_ids: Any, attention_mask: Any = None, **inputs: Any) -> ThinkerOutput:
         batch = self.prepare_batch(input_ids, attention_mask, **inputs)
         return ThinkerOutput(*self.compute(*batch.arguments()))
-
-
-def _check_placeholders(ids: np.ndarray, token_id: int, expected: int, name: str) -> None:
-    """transformers silently drops extra features; we refuse a count mismatch and say where it is."""
-    per_row = (ids == token_id).sum(-1)
-    if int(per_row.sum()) != expected:
-        raise ValueError(
-            f"{name}: input_ids hold {int(per_row.sum())} placeholder tokens (id {token_id}; per row "
-            f"{per_row.tolist()}) but the {name} inputs produce {expected} features"
-        )

@@ -3,11 +3,11 @@
 The work splits in two:
 
 * ``prepare_vision_inputs`` (numpy, on the host) turns ``grid_thw`` into everything that depends on the data:
-  the window permutation of 2x2 merge units and its inverse, segment ids for windowed and for full (per temporal
-  slice) attention, and the (row, col) rotary position of every patch.
+  the window permutation of 2x2 merge units and its inverse, the cumulative segment ends for windowed and for full
+  (per temporal slice) attention, and the (row, col) rotary position of every patch.
 * ``VisionEncoder.construct`` is then pure tensor ops (gather, matmul, elementwise), so it runs in PyNative and
-  compiles under ``ms.jit`` on CPU. Block-diagonal attention is one dense additive mask per kind, built once per
-  forward from the segment ids and shared by all blocks, instead of transformers' per-layer Python loop.
+  compiles under ``ms.jit`` on CPU. Block-diagonal attention is variable-length (TND) flash attention over the
+  windows or the temporal slices, instead of transformers' per-layer Python loop over segments.
 
 Parameter names equal the transformers state-dict names of ``visual`` (without the prefix).
 """
@@ -22,7 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import VisionConfig
 from omni_fast.model.layers import Linear, RMSNorm, apply_rotary, gelu, new_parameter, silu
-from omni_fast.ops import attention_reference, segment_mask_bias
+from omni_fast.ops import FlashAttention
 
 # transformers hard-codes these for the vision tower (not read from the config).
 _NORM_EPS = 1e-6
@@ -34,8 +34,8 @@ class VisionPlan(NamedTuple):
 
     window_index: np.ndarray  # [N/m^2] int32: merge unit at each windowed position (raster -> window order)
     reverse_index: np.ndarray  # [N/m^2] int32: inverse permutation (window -> raster order)
-    window_segments: np.ndarray  # [N] int32: window id of each patch, in window order
-    full_segments: np.ndarray  # [N] int32: temporal-slice id of each patch, in window order
+    window_cu_seqlens: np.ndarray  # [windows] int64: cumulative patch ends of the windows, in window order
+    full_cu_seqlens: np.ndarray  # [slices] int64: cumulative patch ends of the temporal slices, in window order
     rotary_pos_ids: np.ndarray  # [N, 2] int32: (row, col) of each patch in its frame, in window order
 
 
@@ -61,8 +61,8 @@ def prepare_vision_inputs(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionPlan
     if win < 1:
         raise ValueError(f"window_size={cfg.window_size} is smaller than one merge unit")
 
-    window_index, window_ids, slice_ids, pos_ids = [], [], [], []
-    unit_offset = window_offset = slice_offset = 0
+    window_index, window_sizes, slice_sizes, pos_ids = [], [], [], []
+    unit_offset = 0
     for t, h, w in grid.tolist():
         lh, lw = h // m, w // m
         nh, nw = -(-lh // win), -(-lw // win)  # windows per axis; the last row/column may be partial
@@ -72,30 +72,27 @@ def prepare_vision_inputs(grid_thw: np.ndarray, cfg: VisionConfig) -> VisionPlan
         tiles = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
         valid = tiles >= 0
         window_index.append(tiles[valid] + unit_offset)
-        window_ids.append(
-            np.broadcast_to(np.arange(t * nh * nw).reshape(t, nh * nw, 1), tiles.shape)[valid] + window_offset
-        )
-        slice_ids.append(np.broadcast_to(np.arange(t).reshape(t, 1, 1), tiles.shape)[valid] + slice_offset)
+        window_sizes.append(valid.sum(-1).reshape(-1))  # merge units per window (a partial window is smaller)
+        slice_sizes.append(np.full(t, lh * lw))
         # (row, col) of every patch in raster merge-block order (lh, lw, m, m), the same for each temporal slice.
         rows = np.arange(lh).reshape(lh, 1, 1, 1) * m + np.arange(m).reshape(1, 1, m, 1)
         cols = np.arange(lw).reshape(1, lw, 1, 1) * m + np.arange(m).reshape(1, 1, 1, m)
         rc = np.stack(np.broadcast_arrays(rows, cols), axis=-1).reshape(1, lh * lw * m * m, 2)
         pos_ids.append(np.broadcast_to(rc, (t, lh * lw * m * m, 2)).reshape(-1, 2))
         unit_offset += t * lh * lw
-        window_offset += t * nh * nw
-        slice_offset += t
 
     unit = m * m
     window_index = np.concatenate(window_index)
-    # Patches of a merge unit stay together, so patch-level ids are the unit-level ids repeated m^2 times.
-    window_segments = np.repeat(np.concatenate(window_ids), unit)
-    full_segments = np.repeat(np.concatenate(slice_ids), unit)
+    # Patches of a merge unit stay together: patch counts are unit counts times m^2. Every window holds at least
+    # one unit (the window grid is the ceiling of the unit grid), so no segment is empty.
+    window_cu_seqlens = np.cumsum(np.concatenate(window_sizes)) * unit
+    full_cu_seqlens = np.cumsum(np.concatenate(slice_sizes)) * unit
     rotary = np.concatenate(pos_ids).reshape(-1, unit, 2)[window_index].reshape(-1, 2)
     return VisionPlan(
         window_index=window_index.astype(np.int32),
         reverse_index=np.argsort(window_index, kind="stable").astype(np.int32),
-        window_segments=window_segments.astype(np.int32),
-        full_segments=full_segments.astype(np.int32),
+        window_cu_seqlens=window_cu_seqlens.astype(np.int64),
+        full_cu_seqlens=full_cu_seqlens.astype(np.int64),
         rotary_pos_ids=rotary.astype(np.int32),
     )
 
@@ -127,7 +124,7 @@ class PatchEmbed(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    """Multi-head self-attention with separate q/k/v (with bias), 2-D rotary on q and k, masked by a bias."""
+    """Multi-head self-attention with separate q/k/v (with bias), 2-D rotary on q and k, within segments."""
 
     def __init__(self, cfg: VisionConfig, param_dtype: ms.dtype, compute_dtype: ms.dtype):
         super().__init__()
@@ -139,20 +136,20 @@ class VisionAttention(nn.Cell):
         self.k = Linear(dim, dim, True, param_dtype, compute_dtype)
         self.v = Linear(dim, dim, True, param_dtype, compute_dtype)
         self.proj = Linear(dim, dim, True, param_dtype, compute_dtype)
+        self.attention = FlashAttention(self.num_heads, self.scale, "TND", dtype=compute_dtype, head_dim=self.head_dim)
 
     def _heads(self, x: Tensor) -> Tensor:
-        """[S, H*D] -> [1, H, S, D] (BNSD with batch 1)."""
-        s = x.shape[0]
-        return x.reshape(1, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        """[S, H*D] -> [S, H, D] (TND)."""
+        return x.reshape(x.shape[0], self.num_heads, self.head_dim)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
         s = x.shape[0]
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         # Rotary in float32 like transformers, then back to the compute dtype.
         q = apply_rotary(q.astype(ms.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(ms.float32), cos, sin).astype(x.dtype)
-        out = attention_reference(q, k, v, mask_bias, self.scale)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(s, self.num_heads * self.head_dim))
+        out = self.attention(q, k, v, cu_seqlens, cu_seqlens)
+        return self.proj(out.reshape(s, self.num_heads * self.head_dim))
 
 
 class VisionMLP(nn.Cell):
@@ -176,8 +173,8 @@ class VisionBlock(nn.Cell):
         self.attn = VisionAttention(cfg, param_dtype, compute_dtype)
         self.mlp = VisionMLP(cfg, param_dtype, compute_dtype)
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask_bias: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask_bias)
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
         return x + self.mlp(self.norm2(x))
 
 
@@ -228,10 +225,10 @@ class VisionEncoder(nn.Cell):
         self.inv_freq = Tensor(inv_freq.astype(np.float32).reshape(1, 1, -1))
 
     def rotary_cos_sin(self, pos_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """[S, 2] (row, col) -> cos, sin of shape [1, 1, S, head_dim], layout [row, col, row, col] frequencies."""
+        """[S, 2] (row, col) -> cos, sin of shape [S, 1, head_dim], layout [row, col, row, col] frequencies."""
         s = pos_ids.shape[0]
         freqs = (pos_ids.astype(ms.float32).reshape(s, 2, 1) * self.inv_freq).reshape(s, -1)
-        emb = ops.cat((freqs, freqs), -1).reshape(1, 1, s, -1)
+        emb = ops.cat((freqs, freqs), -1).reshape(s, 1, -1)
         return ops.cos(emb), ops.sin(emb)
 
     def construct(
@@ -239,8 +236,8 @@ class VisionEncoder(nn.Cell):
         pixel_values: Tensor,
         window_index: Tensor,
         reverse_index: Tensor,
-        window_segments: Tensor,
-        full_segments: Tensor,
+        window_cu_seqlens: Tensor,
+        full_cu_seqlens: Tensor,
         rotary_pos_ids: Tensor,
     ) -> Tensor:
         x = self.patch_embed(pixel_values)
@@ -249,10 +246,8 @@ class VisionEncoder(nn.Cell):
         x = ops.gather(x.reshape(n // self.unit, self.unit, self.hidden_size), window_index, 0)
         x = x.reshape(n, self.hidden_size)
         cos, sin = self.rotary_cos_sin(rotary_pos_ids)
-        window_bias = segment_mask_bias(window_segments)
-        full_bias = segment_mask_bias(full_segments)
         for i in range(len(self.blocks)):
-            bias = full_bias if self.full_attention[i] else window_bias
-            x = self.blocks[i](x, cos, sin, bias)
+            cu_seqlens = full_cu_seqlens if self.full_attention[i] else window_cu_seqlens
+            x = self.blocks[i](x, cos, sin, cu_seqlens)
         x = self.merger(x)
         return ops.gather(x, reverse_index, 0)

@@ -46,20 +46,94 @@ def attention_reference(query: Tensor, key: Tensor, value: Tensor, mask_bias: Te
     return ops.matmul(probs, value)
 
 
-def segment_mask_bias(segment_ids: Tensor) -> Tensor:
-    """[T] segment ids -> [1, 1, T, T] additive bias allowing attention only inside a segment."""
-    same = segment_ids.reshape(-1, 1) == segment_ids.reshape(1, -1)
-    return ops.where(same, 0.0, MASK_VALUE).astype(ms.float32).reshape(1, 1, *same.shape)
+def _to_bnsd(x: Tensor, layout: str, heads: int | None) -> Tensor:
+    """A flash-attention layout -> [B, N, S, D] (TND becomes one batch of T tokens)."""
+    if layout == "BNSD":
+        return x
+    if layout == "BSND":
+        return x.transpose(0, 2, 1, 3)
+    if layout == "BSH":
+        b, s, h = x.shape
+        return x.reshape(b, s, heads, h // heads).transpose(0, 2, 1, 3)
+    t, n, d = x.shape  # TND
+    return x.transpose(1, 0, 2).reshape(1, n, t, d)
 
 
-def causal_padding_mask_bias(attention_mask: Tensor) -> Tensor:
-    """[B, S] (1 = real token) -> [B, 1, S, S] additive bias: causal, and no attention to padding keys."""
-    s = attention_mask.shape[1]
-    pos = ops.arange(s, dtype=ms.int32)
-    causal = pos.reshape(-1, 1) >= pos.reshape(1, -1)
-    keys_valid = attention_mask.reshape(attention_mask.shape[0], 1, 1, s) > 0
-    allowed = ops.logical_and(causal.reshape(1, 1, s, s), keys_valid)
-    return ops.where(allowed, 0.0, MASK_VALUE).astype(ms.float32)
+def _from_bnsd(x: Tensor, layout: str) -> Tensor:
+    if layout == "BNSD":
+        return x
+    if layout == "BSND":
+        return x.transpose(0, 2, 1, 3)
+    b, n, s, d = x.shape
+    if layout == "BSH":
+        return x.transpose(0, 2, 1, 3).reshape(b, s, n * d)
+    return x.reshape(n, s, d).transpose(1, 0, 2)  # TND
+
+
+def _segment_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cumulative ends [n] -> per token: its segment, its position inside it, and its segment's length."""
+    ends = cu_seqlens.astype(ms.int32)
+    tokens = ops.arange(total, dtype=ms.int32)
+    segment = (ends.reshape(1, -1) <= tokens.reshape(-1, 1)).astype(ms.int32).sum(1)
+    starts = ops.cat((ops.zeros((1,), ms.int32), ends[:-1]))
+    lengths = ends - starts
+    return segment, tokens - ops.gather(starts, segment, 0), ops.gather(lengths, segment, 0)
+
+
+def _band(i: Tensor, j: Tensor, q_len, kv_len, sparse_mode: int, pre_tokens: int, next_tokens: int) -> Tensor:
+    """Allowed (query i, key j) pairs of one segment: causal top-left (2), bottom-right (3) or the band (0)."""
+    diff = j - i
+    if sparse_mode == 2:
+        return diff <= 0
+    if sparse_mode == 3:
+        return diff <= kv_len - q_len
+    return ops.logical_and(diff >= -pre_tokens, diff <= next_tokens)
+
+
+def flash_attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    head_num: int,
+    input_layout: str,
+    actual_seq_qlen: Tensor | None,
+    actual_seq_kvlen: Tensor | None,
+    attn_mask: Tensor | None,
+    scale: float,
+    sparse_mode: int,
+    pre_tokens: int,
+    next_tokens: int,
+) -> Tensor:
+    """``mindspore.ops.flash_attention_score``'s meaning, composed: dense scores and one boolean mask.
+
+    Inputs are already validated by ``omni_fast.ops.attention``. Rows that may see no key give 0 (the fused
+    kernel's convention), unlike ``attention_reference`` alone, which averages all values there.
+    """
+    d = query.shape[-1] if input_layout != "BSH" else query.shape[-1] // head_num
+    q = _to_bnsd(query, input_layout, head_num)
+    k = _to_bnsd(key, input_layout, None if input_layout != "BSH" else key.shape[-1] // d)
+    v = _to_bnsd(value, input_layout, None if input_layout != "BSH" else value.shape[-1] // d)
+    sq, skv = q.shape[2], k.shape[2]
+    if input_layout == "TND":
+        seg_q, i, len_q = _segment_positions(actual_seq_qlen, sq)
+        seg_kv, j, len_kv = _segment_positions(actual_seq_kvlen, skv)
+        same = seg_q.reshape(-1, 1) == seg_kv.reshape(1, -1)
+        band = _band(
+            i.reshape(-1, 1), j.reshape(1, -1), len_q.reshape(-1, 1), len_kv.reshape(1, -1),
+            sparse_mode, pre_tokens, next_tokens,
+        )
+        allowed = ops.logical_and(same, band).reshape(1, 1, sq, skv)
+    else:
+        pos_q = ops.arange(sq, dtype=ms.int32).reshape(-1, 1)
+        pos_kv = ops.arange(skv, dtype=ms.int32).reshape(1, -1)
+        allowed = _band(pos_q, pos_kv, sq, skv, sparse_mode, pre_tokens, next_tokens).reshape(1, 1, sq, skv)
+        if attn_mask is not None:
+            keep = ops.logical_not(attn_mask.astype(ms.bool_))
+            allowed = ops.logical_and(allowed, keep.reshape((1, 1, sq, skv) if keep.ndim == 2 else keep.shape))
+    bias = ops.where(allowed, 0.0, MASK_VALUE).astype(ms.float32)
+    out = attention_reference(q, k, v, bias, scale)
+    any_key = allowed.astype(out.dtype).max(-1, keepdims=True)  # 0 on rows that see no key
+    return _from_bnsd(out * any_key, input_layout)
 
 
 def multimodal_scatter_reference(

@@ -28,11 +28,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["audio_token_count", "get_rope_index_reference"]
+from omni_fast.ops import dispatch
+from omni_fast.ops.library import KernelsUnavailable, host_module
+
+__all__ = ["audio_token_count", "explain", "get_rope_index", "get_rope_index_reference"]
 
 # Offsets at or above this are certainly a unit mistake (seconds vs frames); the float32 -> int64 truncation
 # transformers does would also stop being meaningful long before int64 overflow.
 _MAX_T_OFFSET = 2**31
+# t offsets stay below _MAX_T_OFFSET and audio offsets below the row length, so every wider chunk is the same
+# single chunk: clamping keeps tokens_per_chunk in int64 (for the compiled kernel) without changing any result.
+_MAX_TOKENS_PER_CHUNK = 2**62
 
 
 def audio_token_count(mel_frames: int | np.ndarray) -> int | np.ndarray:
@@ -80,7 +86,7 @@ def _as_int_array(x, name: str, ndim: int) -> np.ndarray:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
         raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
-    return a.astype(np.int64)
+    return np.ascontiguousarray(a, dtype=np.int64)  # no copy when it already is (the compiled kernel's input)
 
 
 def _as_grids(x, name: str) -> np.ndarray | None:
@@ -370,22 +376,64 @@ def get_rope_index_reference(
     The multimodal path is taken iff a grid array is given (even an empty one); otherwise the text-only fallback
     (cumsum of the mask) — also for audio-only batches, like transformers. Both paths validate the token layout.
     """
+    checked = _check_inputs(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        audio_seqlens,
+        second_per_grids,
+        spatial_merge_size,
+        position_id_per_seconds,
+        seconds_per_chunk,
+    )
+    tok_ids = _Ids(image_token_id, video_token_id, audio_token_id, vision_start_token_id, audio_start_token_id)
+    return _reference(checked, bool(use_audio_in_video), tok_ids, position_id_per_seconds)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """The inputs after the boundary checks both implementations share: C-contiguous int64 / float32 arrays."""
+
+    ids: np.ndarray  # [B, L]
+    mask: np.ndarray | None  # [B, L], None: all ones; its values are checked (0/1) by each implementation
+    image_grids: np.ndarray | None
+    video_grids: np.ndarray | None
+    second_per_grids: np.ndarray | None  # float32, as transformers uses them
+    audio_seqlens: np.ndarray | None
+    merge: int
+    tokens_per_chunk: int
+
+
+def _check_inputs(
+    input_ids,
+    image_grid_thw,
+    video_grid_thw,
+    attention_mask,
+    audio_seqlens,
+    second_per_grids,
+    spatial_merge_size,
+    position_id_per_seconds,
+    seconds_per_chunk,
+) -> _Checked:
     ids = _as_int_array(input_ids, "input_ids", 2)
-    batch, length = ids.shape
-    if batch == 0 or length == 0:
+    if ids.size == 0:
         raise ValueError(f"input_ids must be non-empty, got shape {ids.shape}")
-    if attention_mask is None:
-        mask = np.ones_like(ids, dtype=bool)
-    else:
-        m = _as_int_array(attention_mask, "attention_mask", 2)
-        if m.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {m.shape} != input_ids shape {ids.shape}")
-        if not np.isin(m, (0, 1)).all():
-            raise ValueError("attention_mask must hold only 0 and 1")
-        mask = m.astype(bool)
+    mask = None
+    if attention_mask is not None:
+        mask = _as_int_array(attention_mask, "attention_mask", 2)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     merge = int(spatial_merge_size)
     if merge < 1:
         raise ValueError(f"spatial_merge_size must be >= 1, got {spatial_merge_size}")
+    rate = position_id_per_seconds
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or not 0 < rate < 2**31:
+        raise ValueError(f"position_id_per_seconds must be a number in (0, 2**31), got {rate!r}")
+    if isinstance(seconds_per_chunk, bool) or not isinstance(seconds_per_chunk, (int, float, np.integer, np.floating)):
+        raise ValueError(f"seconds_per_chunk must be a number, got {seconds_per_chunk!r}")
+    if not np.isfinite(seconds_per_chunk):
+        raise ValueError(f"seconds_per_chunk must be finite, got {seconds_per_chunk}")
     tokens_per_chunk = int(position_id_per_seconds * seconds_per_chunk)
     if tokens_per_chunk < 1:
         raise ValueError(f"position_id_per_seconds * seconds_per_chunk must be >= 1, got {tokens_per_chunk}")
@@ -396,10 +444,30 @@ def get_rope_index_reference(
     seqlens = None
     if audio_seqlens is not None:
         seqlens = _as_int_array(np.asarray(audio_seqlens).reshape(-1), "audio_seqlens", 1)
-    media = _Inputs(
-        _as_grids(image_grid_thw, "image_grid_thw"), _as_grids(video_grid_thw, "video_grid_thw"), spg, seqlens
+    return _Checked(
+        ids,
+        mask,
+        _as_grids(image_grid_thw, "image_grid_thw"),
+        _as_grids(video_grid_thw, "video_grid_thw"),
+        spg,
+        seqlens,
+        merge,
+        min(tokens_per_chunk, _MAX_TOKENS_PER_CHUNK),
     )
-    tok_ids = _Ids(image_token_id, video_token_id, audio_token_id, vision_start_token_id, audio_start_token_id)
+
+
+def _reference(
+    checked: _Checked, use_audio_in_video: bool, tok_ids: _Ids, position_id_per_seconds
+) -> tuple[np.ndarray, np.ndarray]:
+    ids, merge, tokens_per_chunk = checked.ids, checked.merge, checked.tokens_per_chunk
+    batch, length = ids.shape
+    if checked.mask is None:
+        mask = np.ones_like(ids, dtype=bool)
+    else:
+        if not np.isin(checked.mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = checked.mask.astype(bool)
+    media = _Inputs(checked.image_grids, checked.video_grids, checked.second_per_grids, checked.audio_seqlens)
 
     multimodal = media.image_grids is not None or media.video_grids is not None
     rows = []
@@ -408,7 +476,7 @@ def get_rope_index_reference(
         if multimodal and cols.size == 0:
             raise ValueError(f"row {b} has no attended tokens (transformers cannot index an empty row)")
         tok = ids[b, cols]
-        rows.append((cols, _parse_row(tok, cols, b, tok_ids, media, bool(use_audio_in_video), merge)))
+        rows.append((cols, _parse_row(tok, cols, b, tok_ids, media, use_audio_in_video, merge)))
     for name, used, arr in (
         ("image_grid_thw", media.image_idx, media.image_grids),
         ("video_grid_thw", media.video_idx, media.video_grids),
@@ -432,3 +500,88 @@ def get_rope_index_reference(
         position_ids[:, b, cols] = pos
         deltas[b, 0] = pos.max() + 1 - cols.size
     return position_ids, deltas
+
+
+# ---------------------------------------------------------------------------------------------- the face
+
+
+def backend_reasons() -> dict:
+    """Why each backend cannot compute the rope index here (empty list = it can). A host op: it runs on the host
+    whatever the device, so the compiled module is all the ``cpu_kernel`` backend needs."""
+
+    def cpu_kernel() -> list[str]:
+        try:
+            host_module()
+        except KernelsUnavailable as err:
+            return [str(err)]
+        return []
+
+    return {
+        "ascend": lambda: ["a host op (numpy in, numpy out): there is no device kernel to call"],
+        "cpu_kernel": cpu_kernel,
+        "reference": lambda: [],
+    }
+
+
+def explain() -> str:
+    """Which implementation ``get_rope_index`` would use here, and why the others would not."""
+    return dispatch.explain(backend_reasons())
+
+
+def get_rope_index(
+    input_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    use_audio_in_video: bool = False,
+    audio_seqlens=None,
+    second_per_grids=None,
+    *,
+    spatial_merge_size: int = 2,
+    image_token_id: int = 151655,
+    video_token_id: int = 151656,
+    audio_token_id: int = 151646,
+    vision_start_token_id: int = 151652,
+    audio_start_token_id: int = 151647,
+    position_id_per_seconds: int = 25,
+    seconds_per_chunk: float = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-Omni 3-D rope index: ``(position_ids int64 [3, B, L], mrope_position_deltas int64 [B, 1])``.
+
+    Same arguments, results and errors as :func:`get_rope_index_reference` (whose docstring describes them), computed
+    by the compiled kernel ``kernels/rope_index.h`` when ``omni_fast._C`` is built (rows in parallel, no Python
+    per item), else by that reference; ``OMNI_FAST_BACKEND=reference`` forces the reference. Malformed input raises
+    ``ValueError`` naming the row and the token column.
+    """
+    checked = _check_inputs(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask,
+        audio_seqlens,
+        second_per_grids,
+        spatial_merge_size,
+        position_id_per_seconds,
+        seconds_per_chunk,
+    )
+    if dispatch.choose("rope_index", backend_reasons()) == "reference":
+        tok_ids = _Ids(image_token_id, video_token_id, audio_token_id, vision_start_token_id, audio_start_token_id)
+        return _reference(checked, bool(use_audio_in_video), tok_ids, position_id_per_seconds)
+    return host_module().rope_index(
+        checked.ids,
+        checked.mask,
+        checked.image_grids,
+        checked.video_grids,
+        checked.second_per_grids,
+        checked.audio_seqlens,
+        bool(use_audio_in_video),
+        checked.merge,
+        float(position_id_per_seconds),
+        isinstance(position_id_per_seconds, (int, np.integer)),
+        checked.tokens_per_chunk,
+        image_token_id,
+        video_token_id,
+        audio_token_id,
+        vision_start_token_id,
+        audio_start_token_id,
+    )

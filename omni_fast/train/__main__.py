@@ -1,11 +1,48 @@
-"""``python -m omni_fast.train``: with no arguments, the smoke run (see ``omni_fast.train.smoke``)."""
+"""``python -m omni_fast.train [flags]``: fine-tune the Thinker. With no flags: a tiny Thinker on the demo data."""
 
+import logging
 import sys
 
-from omni_fast.train.smoke import run
+from omni_fast.config.train_config import parse_args
+from omni_fast.train.setup import build_trainer
+from omni_fast.train.trainer import TrainingStopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parsed = parse_args(
+            argv
+            if argv
+            else [
+                "--train-iters",
+                "30",
+                "--lr",
+                "5e-4",
+                "--global-batch-size",
+                "2",
+                "--lr-warmup-iters",
+                "3",
+                "--save",
+                "outputs/omni_fast_demo/run",
+                "--save-interval",
+                "30",
+                "--log-tps",
+            ]
+        )
+        trainer = build_trainer(parsed)
+        summary = trainer.train()
+    except (ValueError, FileNotFoundError, TrainingStopped) as err:
+        logging.getLogger("omni_fast.train").error("%s", err)
+        return 2
+    print(
+        f"done: {summary['iterations']} iterations, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
+        f"{summary['tokens_per_second']:.0f} tokens/s ({summary['samples_per_second']:.2f} samples/s), "
+        f"MFU estimate {summary['mfu_estimate']:.1%}"
+    )
+    return 0
+
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        sys.exit("omni_fast.train takes no arguments yet: the full trainer lands with issue #6")
-    losses = run()
-    sys.exit(0 if losses[-1] < losses[0] else 1)
+    sys.exit(main())

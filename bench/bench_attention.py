@@ -1,0 +1,281 @@
+"""Flash attention forward and forward+backward at the three towers' shapes: our kernel vs the composed MindSpore
+reference vs torch's CPU flash kernel, in one run.
+
+Cases (fp32):
+
+* LLM: B 1, 28 query / 4 key-value heads (GQA 7:1), head dim 128, causal, S = 1k, 4k, 8k (BNSD);
+* vision windows: TND, 256 segments of 64 tokens (16k tokens), 16 heads, head dim 80, not causal;
+* audio chunks: TND, 20 segments of 100 tokens (2000 tokens, 40 s of audio), 20 heads, head dim 64, not causal.
+
+Rows per case (a case = shape x direction, one pytest-benchmark group):
+
+* MindSpore kernel: the ``FlashAttention`` cell with the ``cpu_kernel`` backend (our aot op + its bprop), PyNative;
+* MindSpore reference (jit): the same cell on the ``reference`` backend (dense scores, one boolean mask, MindSpore
+  autodiff), compiled with ``ms.jit`` (its fastest form). Skipped where its S x S scores would not fit in RAM;
+* torch SDPA: ``torch.nn.functional.scaled_dot_product_attention`` (the peer: torch's CPU flash kernel). For TND it
+  gets the equivalent block-diagonal work, the equal-length segments as a batch.
+
+FLOPs count the attended (query, key) pairs only: 4 * pairs * D * heads forward (QK^T and PV), 2.5 times that
+for the backward (five GEMMs instead of two). Memory is the analytic working set beyond inputs and outputs (what
+each implementation allocates for itself), not a measurement: RSS deltas of one process are dominated by
+MindSpore's and torch's memory pools.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from harness import best_seconds, ms_sync, wait_for_quiet
+from mindspore import Tensor, nn
+
+from omni_fast.ops.attention import FlashAttention, explain
+
+RAM_BUDGET = 16 * 2**30  # the reference's fp32 score-sized buffers must fit here (the VM has 23 GiB, shared)
+# Score-sized fp32 buffers the composed reference holds at once under ms.jit (scores, scaled, biased, the mask as
+# a bias, probabilities; the backward adds dP, dS and autodiff copies). Observed on the 23 GiB VM: the LLM S=4k
+# forward peaked at ~17 GiB used (~8 buffers of 1.9 GiB); its fwd+bwd and 4000 audio tokens x 20 heads fwd+bwd
+# were killed for lack of memory.
+REFERENCE_BUFFERS = {"fwd": 8, "fwd+bwd": 12}
+
+
+@dataclass(frozen=True)
+class Case:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq: int  # BNSD: S; TND: tokens
+    segment: int | None = None  # TND: every segment has this length
+
+    @property
+    def layout(self) -> str:
+        return "BNSD" if self.segment is None else "TND"
+
+    @property
+    def pairs(self) -> int:
+        """Attended (query, key) pairs per head."""
+        if self.segment is None:
+            return self.seq * (self.seq + 1) // 2  # causal
+        return self.seq * self.segment
+
+    def flops(self, direction: str) -> float:
+        forward = 4.0 * self.pairs * self.head_dim * self.heads
+        return forward if direction == "fwd" else 3.5 * forward
+
+
+CASES = {
+    "LLM S=1k": Case(28, 4, 128, 1024),
+    "LLM S=4k": Case(28, 4, 128, 4096),
+    "LLM S=8k": Case(28, 4, 128, 8192),
+    "vision 64-token windows": Case(16, 16, 80, 16384, segment=64),
+    "audio 100-token chunks": Case(20, 20, 64, 2000, segment=100),
+}
+DIRECTIONS = ("fwd", "fwd+bwd")
+MS_KERNEL = "MindSpore kernel (PyNative)"
+MS_REFERENCE_JIT = "MindSpore reference (jit)"
+TORCH = "torch SDPA"
+IMPLS = (MS_KERNEL, MS_REFERENCE_JIT, TORCH)
+COMPARE = {
+    MS_KERNEL: {"vs its reference": MS_REFERENCE_JIT, "vs torch (peer)": TORCH},
+    MS_REFERENCE_JIT: {"vs torch (peer)": TORCH},
+}
+NOTE = (
+    "fwd+bwd is `ms.grad` of sum(out * dout) -> (dq, dk, dv) (torch: `torch.autograd.grad` with dout). Ours run "
+    "in PyNative with launch_blocking (one op: jit adds nothing); the reference is compiled with ms.jit. torch "
+    "SDPA gets `is_causal=True, enable_gqa=True` for the LLM and the segments as a batch for TND. FLOPs: attended "
+    "pairs only (causal half), backward = 2.5x forward. Memory = analytic working set beyond inputs and outputs. "
+    "Before timing, each row's outputs are checked against our kernel (relative 1e-4), untimed. The machine is "
+    "shared: minima over rounds, and 'CPU busy before' says how loaded it was when the rounds started."
+)
+
+
+def _mib(n_floats: float) -> float:
+    return 4.0 * n_floats / 2**20
+
+
+def working_set_mib(case: Case, impl: str, direction: str) -> float:
+    """Analytic extra memory (MiB) beyond inputs and outputs."""
+    pad = -(-case.head_dim // 16) * 16
+    threads = 2
+    if impl == MS_KERNEL:
+        # forward: packed K^T and V (float32, whole sequence), per-thread 64-row tiles; backward adds per work item
+        # (kv head) a float32 dQ accumulator for its query heads and per-row lse/Delta.
+        forward = 2 * case.kv_heads * case.seq * pad + threads * 5 * 64 * pad
+        group = case.heads // case.kv_heads
+        rows = case.seq if case.segment is None else case.segment
+        backward = threads * (group * rows * (pad + 2) + 12 * 64 * pad)
+        return _mib(forward + (0 if direction == "fwd" else backward))
+    if impl == MS_REFERENCE_JIT:
+        # dense [N, Sq, Skv] scores and probabilities; autodiff keeps them and adds dP, dS (see REFERENCE_BUFFERS).
+        return reference_bytes(case, direction) / 2**20
+    # torch's flash kernel: per-thread blocks, logsumexp; its backward keeps per-thread dQ/dK/dV accumulators.
+    return _mib(case.heads * case.seq + threads * 4 * 64 * 128 * 2 + (0 if direction == "fwd" else 3 * case.seq * pad))
+
+
+def reference_bytes(case: Case, direction: str) -> float:
+    return REFERENCE_BUFFERS[direction] * 4.0 * case.heads * case.seq * case.seq
+
+
+def attention_op(case: Case, backend: str) -> FlashAttention:
+    """The face's cell for this case on ``backend`` (``cpu_kernel`` or ``reference``, forced as the env would)."""
+    mode = 2 if case.segment is None else 0
+    saved = os.environ.get("OMNI_FAST_BACKEND")
+    os.environ["OMNI_FAST_BACKEND"] = backend
+    try:
+        return FlashAttention(case.heads, case.head_dim**-0.5, case.layout, sparse_mode=mode)
+    finally:
+        if saved is None:
+            del os.environ["OMNI_FAST_BACKEND"]
+        else:
+            os.environ["OMNI_FAST_BACKEND"] = saved
+
+
+class Step(nn.Cell):
+    """One timed call: the forward, or d(sum(out * dout)) / d(q, k, v) (the backward given dout, plus the forward).
+
+    ``construct(q, k, v, dout, cu_q, cu_kv)``; the cumulative ends are None for BNSD.
+    """
+
+    def __init__(self, op: FlashAttention, backward: bool):
+        super().__init__()
+        self.op = op
+        self.backward = backward
+
+    def loss(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu_q: Tensor, cu_kv: Tensor) -> Tensor:
+        return (self.op(q, k, v, cu_q, cu_kv) * dout).sum()
+
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu_q=None, cu_kv=None) -> tuple:
+        if self.backward:
+            return ms.grad(self.loss, grad_position=(0, 1, 2))(q, k, v, dout, cu_q, cu_kv)
+        return (self.op(q, k, v, cu_q, cu_kv),)
+
+
+class JitStep(Step):
+    @ms.jit
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu_q=None, cu_kv=None) -> tuple:
+        return super().construct(q, k, v, dout, cu_q, cu_kv)
+
+
+@dataclass
+class Inputs:
+    arrays: tuple[np.ndarray, ...]  # q, k, v, dout
+    ms_args: tuple[Any, ...]  # q, k, v, dout, cu_q, cu_kv (None, None for BNSD)
+
+
+def make_inputs(case: Case) -> Inputs:
+    rng = np.random.default_rng(0)
+    if case.segment is None:
+        q_shape, kv_shape = (1, case.heads, case.seq, case.head_dim), (1, case.kv_heads, case.seq, case.head_dim)
+    else:
+        q_shape, kv_shape = (case.seq, case.heads, case.head_dim), (case.seq, case.kv_heads, case.head_dim)
+    q, do = (rng.standard_normal(q_shape, dtype=np.float32) for _ in range(2))
+    k, v = (rng.standard_normal(kv_shape, dtype=np.float32) for _ in range(2))
+    cu = None
+    if case.segment is not None:
+        cu = Tensor(np.arange(case.segment, case.seq + 1, case.segment, dtype=np.int64))
+    return Inputs((q, k, v, do), (Tensor(q), Tensor(k), Tensor(v), Tensor(do), cu, cu))
+
+
+def _torch_callable(case: Case, d: Inputs, direction: str) -> Callable[[], tuple[Any, ...]]:
+    q, k, v, do = (torch.from_numpy(a) for a in d.arrays)
+    if case.segment is not None:  # the segments as a batch: [n, heads, segment, D]
+
+        def batched(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1, case.segment, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+
+        q, k, v, do = batched(q), batched(k), batched(v), batched(do)
+    kwargs = {"is_causal": True, "enable_gqa": True} if case.segment is None else {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if direction == "fwd":
+        return lambda: (sdpa(q, k, v, **kwargs),)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+
+    def fwd_bwd() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(sdpa(*leaves, **kwargs), leaves, do)
+
+    return fwd_bwd
+
+
+def _to_layout(case: Case, x: Any) -> np.ndarray:
+    """Outputs as numpy in our layout (torch's TND rows come back batched)."""
+    if isinstance(x, Tensor):
+        return x.asnumpy()
+    a = x.detach().numpy()
+    if case.segment is not None:
+        a = a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3])
+    return a
+
+
+_STEPS: dict[tuple[str, str, str], Step] = {}
+
+
+def _callable(name: str, impl: str, direction: str, d: Inputs) -> Callable[[], tuple[Any, ...]]:
+    case = CASES[name]
+    if impl == TORCH:
+        return _torch_callable(case, d, direction)
+    key = (name, impl, direction)
+    if key not in _STEPS:
+        _STEPS.clear()  # the reference's compiled graphs hold S x S buffers: keep one step alive
+        backend = "cpu_kernel" if impl == MS_KERNEL else "reference"
+        _STEPS[key] = (Step if impl == MS_KERNEL else JitStep)(attention_op(case, backend), direction != "fwd")
+    step = _STEPS[key]
+    return lambda: ms_sync(step(*d.ms_args))
+
+
+_INPUTS: dict[str, Inputs] = {}
+
+
+def inputs_for(name: str) -> Inputs:
+    if name not in _INPUTS:
+        _INPUTS.clear()  # one case resident at a time
+        _INPUTS[name] = make_inputs(CASES[name])
+    return _INPUTS[name]
+
+
+_WANT: dict[tuple[str, str], tuple[np.ndarray, ...]] = {}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention(benchmark: Any, name: str, direction: str, impl: str) -> None:
+    case = CASES[name]
+    assert attention_op(case, "cpu_kernel").backend == "cpu_kernel", explain()
+    if impl == MS_REFERENCE_JIT and reference_bytes(case, direction) > RAM_BUDGET:
+        gib = reference_bytes(case, direction) / 2**30
+        pytest.skip(f"the composed reference needs ~{gib:.0f} GiB of S x S buffers (budget {RAM_BUDGET / 2**30:.0f})")
+    d = inputs_for(name)
+    benchmark.group = f"attention {direction}, {name} fp32"
+    if (name, direction) not in _WANT:
+        _WANT.clear()
+        _WANT[(name, direction)] = tuple(_to_layout(case, x) for x in _callable(name, MS_KERNEL, direction, d)())
+    fn = _callable(name, impl, direction, d)
+    got = fn()  # first call compiles the jit rows; checked untimed
+    labels = ("out",) if direction == "fwd" else ("dq", "dk", "dv")
+    for label, a, b in zip(labels, got, _WANT[(name, direction)]):
+        a = _to_layout(case, a)
+        err, scale = np.abs(a - b).max(), np.abs(b).max()
+        assert err <= 1e-4 * scale, f"{impl} {label}: max abs err {err:.3e} vs scale {scale:.3e}"
+    del got
+    per_call = best_seconds(fn, repeats=1, warmup=0)
+    rounds = int(min(10, max(3, 3.0 // max(per_call, 1e-3))))
+    busy = wait_for_quiet()
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update(
+        section="Flash attention (compute-bound: GFLOP/s and % of the GEMM peak)",
+        impl=impl,
+        compare=COMPARE.get(impl, {}),
+        headline=impl == MS_KERNEL,
+        flops=case.flops(direction),
+        details={
+            "working set MiB (analytic)": round(working_set_mib(case, impl, direction), 1),
+            "CPU busy before, %": 100 * busy,
+        },
+        note=NOTE,
+    )

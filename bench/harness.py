@@ -1,0 +1,172 @@
+"""Shared helpers of the benchmark suite: machine description, same-run GEMM peak and copy bandwidth, syncing.
+
+Heavy imports (mindspore, torch) stay inside the functions so that ``report.py`` can import nothing from here
+and this module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Minimum wall time of ``fn()`` over ``repeats`` calls (the machine is shared: the minimum is the signal)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy_fraction(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds. Called while this process sleeps, it is the load of
+    everything else on the machine."""
+    busy0, total0 = _cpu_times()
+    time.sleep(interval)
+    busy1, total1 = _cpu_times()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_wait: float | None = None, threshold: float = 0.2) -> float:
+    """Wait (at most ``max_wait`` s, default ``$OMNI_BENCH_IDLE_WAIT`` or 20) until other processes use less than
+    ``threshold`` of the CPUs; return the last busy fraction seen. On a 2-core machine shared with test runs and
+    builds, starting the timed rounds in a quiet moment matters more than any number of rounds."""
+    if max_wait is None:
+        max_wait = float(os.environ.get("OMNI_BENCH_IDLE_WAIT", "20"))
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy = cpu_busy_fraction()
+        if busy <= threshold or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.5)
+
+
+def ms_sync(out: Any) -> Any:
+    """Wait for MindSpore outputs. A jit call can return before its graph has run (launch_blocking covers
+    PyNative ops only); ``asnumpy`` blocks until the tensor is ready and is a zero-copy view on CPU."""
+    import mindspore as ms
+
+    if isinstance(out, ms.Tensor):
+        out.asnumpy()
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            ms_sync(item)
+    return out
+
+
+def _c_getenv(name: str) -> str | None:
+    # mindspore sets OMP_NUM_THREADS=1 with C setenv() at import; os.environ does not see that, libc does.
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    value = libc.getenv(name.encode())
+    return value.decode() if value is not None else None
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU, cores, flags, RAM, library versions and thread settings: what a number needs to be reproduced."""
+    import torch
+
+    from omni_fast.ops.library import host_module
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+
+    def field(name: str) -> str:
+        for line in cpuinfo.splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+        return "unknown"
+
+    flags = set(field("flags").split())
+    # One /proc/cpuinfo block per logical CPU; distinct (physical id, core id) pairs are the physical cores.
+    blocks = [
+        {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in part.splitlines() if ":" in line)}
+        for part in cpuinfo.strip().split("\n\n")
+    ]
+    cores = {(block.get("physical id"), block.get("core id")) for block in blocks}
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    return {
+        "cpu_model": field("model name"),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "physical_cores": len(cores),
+        "cpu_mhz": field("cpu MHz"),
+        "flags": {name: name in flags for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")},
+        "ram_gib": round(mem_kb / 2**20, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {
+            name: _version(name)
+            for name in ("mindspore", "torch", "numpy", "transformers", "omni_fast", "pytest-benchmark")
+        },
+        "omni_fast_build_info": dict(host_module().build_info()),
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "OMP_NUM_THREADS (C environment)": _c_getenv("OMP_NUM_THREADS"),
+            "omni_fast kernels (omp_get_max_threads)": host_module().build_info()["openmp_max_threads"],
+        },
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def measure_gemm(n: int = 2048, repeats: int = 8) -> dict[str, Any]:
+    """fp32 n x n x n matmul GFLOP/s with all threads, torch and numpy (the peak is the better of the two), plus
+    MindSpore's own matmul for information. Outputs are preallocated so the number is the GEMM alone."""
+    import mindspore as ms
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n**3
+    out_np = np.empty((n, n), np.float32)
+    ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.empty((n, n))
+    ma, mb = ms.Tensor(a), ms.Tensor(b)
+    gflops = {
+        "torch.matmul": flop / best_seconds(lambda: torch.matmul(ta, tb, out=tc), repeats) / 1e9,
+        "numpy.matmul": flop / best_seconds(lambda: np.matmul(a, b, out=out_np), repeats) / 1e9,
+        "mindspore ops.matmul (PyNative)": flop / best_seconds(lambda: ms_sync(ms.ops.matmul(ma, mb)), repeats) / 1e9,
+    }
+    source = max(("torch.matmul", "numpy.matmul"), key=gflops.get)
+    return {"n": n, "repeats": repeats, "gflops": gflops, "peak_gflops": gflops[source], "peak_source": source}
+
+
+def measure_copy_bandwidth(mib: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """Large-array copy GB/s (read + write counted, 2 x size / time): what a memory-bound op can hope for."""
+    import torch
+
+    src = np.random.default_rng(0).standard_normal(mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+    moved = 2.0 * src.nbytes
+    gbs = {
+        "numpy.copyto": moved / best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9,
+        "torch.Tensor.copy_": moved / best_seconds(lambda: tdst.copy_(tsrc), repeats) / 1e9,
+    }
+    return {"mib": mib, "gbs": gbs, "best_gbs": max(gbs.values())}
