@@ -186,7 +186,7 @@ def test_convert(benchmark: Any, workspace: dict[str, Path], case: str, impl: st
     benchmark.group = f"{case} (7B shapes, 3.6 GB bf16)"
     busy = wait_for_quiet()
     benchmark.pedantic(lambda: _run(impl, direction, tp, workspace, out), setup=setup,
-                       rounds=3 if impl == NUMPY else 5, warmup_rounds=0, iterations=1)
+                       rounds=3 if impl == NUMPY else 7, warmup_rounds=0, iterations=1)
     written = sum(_weights(out).values())
     shutil.rmtree(scratch, ignore_errors=True)
     benchmark.extra_info.update(

@@ -68,7 +68,10 @@ NOTE = (
     "matmul FLOPs directly** (bench/flops.py): every linear layer, the patch projection, the audio convolutions, "
     "the lm_head and the two attention products over the attended blocks only (causal triangle, vision windows, "
     "audio chunks), backward = 2x forward (1x for the layers fed by data). It equals torch's FlopCounterMode on the "
-    "transformers model for everything but attention, which that counter does not see on CPU."
+    "transformers model for everything but attention, which that counter does not see on CPU. The reference-ops "
+    "row builds its model and compiles its step under `OMNI_FAST_BACKEND=reference`, so every dispatched op "
+    "(layer cells and function faces such as `multimodal_scatter`) runs its plain MindSpore reference; the "
+    "*Op backends* line lists the layer cells' choices."
 )
 
 

@@ -30,7 +30,6 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -315,6 +314,7 @@ inline void copy_plan_run(const CopyPlan& plan, int threads) {
       const CopyUnit& unit = plan.units[u];
       const ByteSink& sink = plan.sinks[unit.sink];
       const int64_t n = unit.end - unit.begin;
+      if (n == 0) continue;
       if (sink.data != nullptr) {
         for (int64_t i = unit.first_piece; i < unit.last_piece; ++i) {
           detail::copy_piece_to(plan, plan.pieces[i], sink.data, 0);

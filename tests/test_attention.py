@@ -181,7 +181,7 @@ segment_lengths = st.lists(st.sampled_from([0, 1, 1, 2, 37, 64, 65, 100, 130]), 
     seed=st.integers(0, 2**16),
 )
 def test_varlen_tnd_matches_float64(mode, d, heads, lengths, cross, seed):
-    """Segments of length 0 and 1, lengths off the 64-row blocks, and (cross) key segments of other lengths."""
+    """Segments of length 0 and 1, lengths off the 128-row blocks, and (cross) key segments of other lengths."""
     rng = np.random.default_rng(seed)
     kv_lengths = [int(n) for n in rng.integers(1, 90, len(lengths))] if cross else None
     q, k, v, do, kw = make_case(rng, "TND", heads[0], heads[1], d, 0, 0, lengths=lengths, kv_lengths=kv_lengths)

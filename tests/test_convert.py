@@ -114,6 +114,7 @@ def test_round_trip_is_byte_exact_and_matches_the_oracle(hub_bf16, tmp_path, lay
 def test_thinker_only_single_file_fp32(hf_model, tmp_path):
     hf = save_hf_thinker(hf_model, tmp_path / "thinker")  # no prefix, no index, float32
     layout = layout_of("pp2", 2)
+    (tmp_path / "mm").mkdir()  # an existing empty output directory is fine
     hf_to_mm(hf, tmp_path / "mm", layout)
     hf_to_mm(hf, tmp_path / "mm_numpy", layout, backend="numpy")
     assert_same_tree(tmp_path / "mm", tmp_path / "mm_numpy")
@@ -208,6 +209,18 @@ def test_trainer_writer_matches_hf_to_mm_and_mm_to_hf_reads_it(hub_bf16, tmp_pat
     files = write_mm_thinker(state, save / "iter_0000007", cfg, layout)
     assert len(files) == 6
     assert_same_tree(save / "iter_0000007", tmp_path / "mm" / "release")
+    # Pipeline ranks save and load their own stages only; together they make the same files.
+    per_stage = tmp_path / "per_stage" / "iter_0000007"
+    held = {}
+    for stage in range(layout.pp_size):
+        part = read_mm_thinker(tmp_path / "mm", cfg, stages=[stage])
+        held.update({name: stage for name in part})
+        write_mm_thinker(part, per_stage, cfg, layout, stages=[stage])
+    assert held.keys() == state.keys() and held["model.embed_tokens.weight"] == 1 and held["lm_head.weight"] == 2
+    assert_same_tree(per_stage, tmp_path / "mm" / "release")
+    with pytest.raises(ValueError, match=r"missing \(1\): model.norm.weight"):
+        write_mm_thinker({k: v for k, v in state.items() if held[k] == 2 and k != "model.norm.weight"},
+                         tmp_path / "bad", cfg, layout, stages=[2])
     # A trainer checkpoint: other files beside the weights, latest = the iteration number.
     (save / "iter_0000007" / "mp_rank_00_000" / "optimizer.safetensors").write_bytes(b"not read")
     (save / "latest_checkpointed_iteration.txt").write_text("7\n")

@@ -11,6 +11,8 @@ import pytest
 import torch
 from tiny_omni import save_hf_thinker
 
+from omni_fast.config.mm_model import ModelSpec, load_model_json, model_json_from_spec, parse_model_json
+from omni_fast.config.model_config import ThinkerConfig
 from omni_fast.config.train_config import parse_args
 from omni_fast.data import ensure_demo_data
 from omni_fast.train import checkpoint as ckpt
@@ -128,3 +130,44 @@ def test_cli_rejects_contradicting_flags_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "--calculate-per-token-loss: cannot be combined with --calculate-per-sample-loss" in result.stderr
     assert not (tmp_path / "outputs").exists()  # stopped before generating demo data or anything else
+
+
+def test_converted_release_loads_and_trainer_checkpoints_convert_back(hf_tiny, hf_dir, demo, tmp_path):
+    """mm-convert hf_to_mm output is a valid --load; what the trainer saves, mm_to_hf turns back into HF weights."""
+    from safetensors.numpy import load_file
+
+    from omni_fast.convert import ParallelLayout, hf_to_mm, mm_to_hf
+
+    layout = ParallelLayout((2,), (2,), (2,))
+    hf_to_mm(hf_dir, tmp_path / "mm", layout)
+    # a converted directory holds weights only: the structure comes from model.json, as in the reference
+    spec = ModelSpec.from_thinker(ThinkerConfig.from_file(hf_dir / "config.json"))
+    (tmp_path / "model.json").write_text(json.dumps(model_json_from_spec(spec)))
+    flags = f"--mm-data {demo / 'data_mllm.json'} --micro-batch-size 1 --global-batch-size 1 --no-jit"
+    from_hf = build_trainer(parse_args(f"--load {hf_dir} {flags} --train-iters 1".split()))
+    with pytest.raises(ValueError, match="--mm-model is required"):
+        build_trainer(parse_args(f"--load {tmp_path / 'mm'} {flags} --train-iters 1".split()))
+    mm_flags = f"--load {tmp_path / 'mm'} --mm-model {tmp_path / 'model.json'} {flags} --train-iters 1"
+    from_mm = build_trainer(parse_args(mm_flags.split()))
+    assert from_mm.train_step().loss == from_hf.train_step().loss
+    # lr 0: the saved weights are the loaded ones, so the round trip must give back the original tensors
+    run = build_trainer(parse_args(f"--load {hf_dir} {flags} --train-iters 1 --lr 0 --save {tmp_path / 'run'}".split()))
+    run.train()
+    mm_to_hf(tmp_path / "run", hf_dir, tmp_path / "back")
+    back = {}
+    for file in sorted((tmp_path / "back").glob("*.safetensors")):
+        back.update(load_file(str(file)))
+    for name, value in hf_tiny.state_dict().items():
+        np.testing.assert_array_equal(back[f"thinker.{name}"], value.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["model_7b.json", "model_tiny.json"])
+def test_model_json_round_trips(name):
+    from pathlib import Path
+
+    spec = load_model_json(Path(__file__).parents[1] / "examples" / "qwen2.5omni" / name)
+    again = parse_model_json(model_json_from_spec(spec))
+    assert again.thinker == spec.thinker
+    assert again.freeze == spec.freeze
+    assert again.pipeline_num_layers == spec.pipeline_num_layers
+    assert again.img_context_token_id == spec.img_context_token_id

@@ -142,3 +142,44 @@ def parse_model_json(raw: dict[str, Any]) -> ModelSpec:
         recompute=recompute,
         raw=raw,
     )
+
+
+def model_json_from_spec(spec: ModelSpec) -> dict[str, Any]:
+    """The model.json (MindSpeed-MM keys, plus omni_fast's token-id keys) that ``parse_model_json`` reads back as
+    ``spec``: written beside checkpoints so that ``--load`` of a checkpoint needs no separate model.json."""
+    t, v, a = spec.thinker.text, spec.thinker.vision, spec.thinker.audio
+    layers = spec.pipeline_num_layers
+    return {
+        "img_context_token_id": spec.img_context_token_id,
+        "image_token_id": spec.thinker.image_token_id,
+        "video_token_id": spec.thinker.video_token_id,
+        "audio_token_id": spec.thinker.audio_token_id,
+        "vision_start_token_id": spec.thinker.vision_start_token_id,
+        "audio_start_token_id": spec.thinker.audio_start_token_id,
+        "image_encoder": {
+            "vision_encoder": {
+                "num_layers": v.depth, "hidden_size": v.hidden_size, "ffn_hidden_size": v.intermediate_size,
+                "num_attention_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+                "window_attn_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "llm_hidden_size": v.out_hidden_size, "freeze": spec.freeze["vision_encoder"],
+                "pipeline_num_layers": layers.get("vision_encoder"),
+            },
+            "vision_projector": {"hidden_size": v.out_hidden_size, "freeze": spec.freeze["vision_projector"]},
+        },
+        "audio_encoder": {
+            "audio_encoder": {
+                "num_layers": a.encoder_layers, "d_model": a.d_model, "ffn_hidden_size": a.encoder_ffn_dim,
+                "num_attention_heads": a.encoder_attention_heads, "num_mel_bins": a.num_mel_bins,
+                "max_source_positions": a.max_source_positions, "n_window": a.n_window, "output_dim": a.output_dim,
+                "freeze": spec.freeze["audio_encoder"], "pipeline_num_layers": layers.get("audio_encoder"),
+            }
+        },
+        "text_decoder": {
+            "num_layers": t.num_hidden_layers, "hidden_size": t.hidden_size, "ffn_hidden_size": t.intermediate_size,
+            "num_attention_heads": t.num_attention_heads, "num_query_groups": t.num_key_value_heads,
+            "vocab_size": t.vocab_size, "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
+            "layernorm_epsilon": t.rms_norm_eps, "freeze": spec.freeze["text_decoder"],
+            "pipeline_num_layers": layers.get("text_decoder"),
+        },
+    }

@@ -27,10 +27,20 @@ Public functions:
   validated before the first write; output goes to a hidden sibling directory renamed into place at the end.
 * :func:`read_mm_thinker`: an MM checkpoint (``release`` or ``iter_NNNNNNN``, any PP/TP layout, read from the
   directory names and headers) -> ``{hf_name: numpy array}`` in memory, names as ``Qwen2_5OmniThinker``'s
-  parameters (no ``thinker.`` prefix), dtypes kept (bf16 as MindSpore's numpy bfloat16).
+  parameters (no ``thinker.`` prefix), dtypes kept (bf16 as MindSpore's numpy bfloat16, so ``ms.Tensor(array)``
+  is bf16). ``stages=[p]`` reads only what pipeline stage p holds.
 * :func:`write_mm_thinker`: ``{hf_name: numpy array}`` -> ``ITERATION_DIR/mp_rank_TT[_PPP]/model.safetensors`` for
-  a layout, the files :func:`hf_to_mm` would write for the same tensors and :func:`mm_to_hf` reads. For the
-  trainer's checkpoints: it writes only the weights and never touches ``latest_checkpointed_iteration.txt``.
+  a layout, the files :func:`hf_to_mm` would write for the same tensors and :func:`mm_to_hf` reads. It writes only
+  the weights and never touches ``latest_checkpointed_iteration.txt``: the trainer writes the iteration into a
+  temporary directory, adds its optimizer/RNG files, renames it and updates the latest file itself.
+  ``stages=[p]`` writes only stage p's files, from only the tensors it holds.
+
+For the trainer::
+
+    layout = ParallelLayout.parse(llm_pp_layers, vit_pp_layers, audio_pp_layers, tp_size)  # model.json's lists
+    write_mm_thinker({n: p.asnumpy() for n, p in model.parameters_and_names()}, tmp_iteration_dir, model.config,
+                     layout)
+    omni_fast.model.loading.load_mm_state_into(model, save_dir)  # or read_mm_thinker(save_dir, model.config)
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from omni_fast.config.model_config import ThinkerConfig
+from omni_fast.convert import oracle
 from omni_fast.convert.engine import CopyPlan, Loc, Rect, row_cols
 from omni_fast.convert.layout import (
     LATEST_FILE,
@@ -374,9 +385,11 @@ def _listing(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_thinker_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], cfg: ThinkerConfig, where: str) -> None:
-    """HF-named thinker tensors ``{name: (dtype, shape)}`` against the config: one error listing every mismatch."""
-    expected = hf_thinker_shapes(cfg)
+def check_thinker_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], cfg: ThinkerConfig, where: str,
+                          names: set[str] | None = None) -> None:
+    """HF-named thinker tensors ``{name: (dtype, shape)}`` against the config (all of them, or ``names``): one
+    error listing every mismatch."""
+    expected = {n: shape for n, shape in hf_thinker_shapes(cfg).items() if names is None or n in names}
     problems = []
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
@@ -393,6 +406,8 @@ def check_thinker_tensors(found: Mapping[str, tuple[str, tuple[int, ...]]], cfg:
         problems.append(f"dtype not F32/BF16/F16 ({len(bad_dtype)}): {_listing(bad_dtype)}")
     if not problems:
         for rule in thinker_rules(cfg):
+            if names is not None and not set(rule.hf_names) <= names:
+                continue
             dtypes = {found[h][0] for h in rule.hf_names}
             if len(dtypes) > 1:
                 problems.append(f"{', '.join(rule.hf_names)} are fused into {rule.name} but have dtypes "
@@ -420,6 +435,8 @@ class HFCheckpoint:
 
 
 def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
+    """Read config.json and every safetensors header of ``hf_dir`` and check the thinker tensors against the
+    config (names, shapes, dtypes); no tensor bytes are read."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"cfg.hf_config.hf_dir: {hf_dir} is not a directory")
@@ -513,7 +530,11 @@ def open_mm_checkpoint(mm_dir: str | Path, cfg: ThinkerConfig, layout: ParallelL
             if layout.layers(m) != found.layers(m):
                 raise ValueError(f"parallel_config.{m}_pp_layers is {list(layout.layers(m))}, but {it_dir} holds "
                                  f"{list(found.layers(m))} {m} layers per stage")
-    validate_layout(found, cfg)
+    try:
+        validate_layout(found, cfg)
+    except ValueError as err:
+        raise ValueError(f"cfg.mm_dir: {it_dir} holds the layout {found.as_dict()}, which does not fit the config: "
+                         f"{err}") from None
     hf_shapes = hf_thinker_shapes(cfg)
     expected: dict[tuple[int, int], dict[str, tuple[int, ...]]] = defaultdict(dict)
     for rule in thinker_rules(cfg):
@@ -540,19 +561,30 @@ def open_mm_checkpoint(mm_dir: str | Path, cfg: ThinkerConfig, layout: ParallelL
 # ------------------------------------------------------------------ plans
 
 
+def placed_rules(cfg: ThinkerConfig, layout: ParallelLayout,
+                 stages: Sequence[int] | None = None) -> list[tuple[Rule, int, str]]:
+    """(rule, stage, name in the stage's file) for every rule, or for those on ``stages`` only."""
+    if stages is not None:
+        bad = [s for s in stages if not 0 <= s < layout.pp_size]
+        if bad:
+            raise ValueError(f"stages {bad} do not exist in a {layout.pp_size}-stage pipeline")
+    placed = [(rule, *placement(rule, layout)) for rule in thinker_rules(cfg)]
+    return [p for p in placed if stages is None or p[1] in stages]
+
+
 def plan_to_mm(plan: CopyPlan, tensors: Mapping[str, Stored], cfg: ThinkerConfig, layout: ParallelLayout,
-               iteration_dir: Path) -> list[Path]:
-    """Add to ``plan`` the MM files of ``layout`` built from HF-named thinker tensors; returns the files."""
+               iteration_dir: Path, stages: Sequence[int] | None = None) -> list[Path]:
+    """Add to ``plan`` the MM files of ``layout`` (of ``stages`` only, if given) built from HF-named thinker
+    tensors; returns the files."""
     hf_shapes = hf_thinker_shapes(cfg)
     per_file: dict[tuple[int, int], list[tuple[str, Rule, str, tuple[int, ...]]]] = defaultdict(list)
-    for rule in thinker_rules(cfg):
-        stage, local = placement(rule, layout)
+    for rule, stage, local in placed_rules(cfg, layout, stages):
         dtype = tensors[rule.hf_names[0]].dtype
         for tp in range(layout.tp_size):
             per_file[tp, stage].append((local, rule, dtype, shard_shape(rule, hf_shapes, layout.tp_size)))
     paths = []
     for tp in range(layout.tp_size):
-        for pp in range(layout.pp_size):
+        for pp in range(layout.pp_size) if stages is None else sorted(set(stages)):
             rank_dir = iteration_dir / rank_dir_name(tp, pp, layout.pp_size)
             rank_dir.mkdir(parents=True, exist_ok=True)
             items = per_file[tp, pp]
@@ -577,14 +609,16 @@ class HFTarget:
     rects: tuple[Rect, ...]
 
 
-def plan_from_mm(plan: CopyPlan, mm: MMCheckpoint, cfg: ThinkerConfig) -> dict[str, HFTarget]:
-    """Add the MM files to ``plan`` as sources; return how to rebuild each HF-named thinker tensor from them."""
+def plan_from_mm(plan: CopyPlan, mm: MMCheckpoint, cfg: ThinkerConfig,
+                 stages: Sequence[int] | None = None) -> dict[str, HFTarget]:
+    """Add the MM files to ``plan`` as sources; return how to rebuild each HF-named thinker tensor (those held by
+    ``stages`` only, if given) from them."""
     layout, hf_shapes = mm.layout, hf_thinker_shapes(cfg)
-    sources = {key: plan.source(path) for key, path in mm.files.items()}
+    sources = {key: plan.source(path) for key, path in mm.files.items()
+               if stages is None or key[1] in stages}
     rects: dict[str, list[Rect]] = defaultdict(list)
     dtypes: dict[str, set[str]] = defaultdict(set)
-    for rule in thinker_rules(cfg):
-        stage, local = placement(rule, layout)
+    for rule, stage, local in placed_rules(cfg, layout, stages):
         # A replicated tensor is read from tensor rank 0, as MindSpeed-MM's merge_by_tp does.
         for tp in range(1 if rule.split == REPLICATE else layout.tp_size):
             shard = _stored(mm.entries[tp, stage][local], sources[tp, stage])
@@ -596,11 +630,14 @@ def plan_from_mm(plan: CopyPlan, mm: MMCheckpoint, cfg: ThinkerConfig) -> dict[s
     if mixed:
         raise ValueError(f"cfg.mm_dir: shards of one tensor disagree on dtype: {_listing(mixed)}")
     out = {}
-    for name, shape in hf_shapes.items():
+    for name, parts in rects.items():
+        shape = hf_shapes[name]
         rows, cols = row_cols(shape)
-        if sum(r.rows * r.cols for r in rects[name]) != rows * cols:
+        if sum(r.rows * r.cols for r in parts) != rows * cols:
             raise AssertionError(f"conversion rules do not tile {name}")  # a bug in the rules, not in the input
-        out[name] = HFTarget(dtypes[name].pop(), shape, tuple(rects[name]))
+        out[name] = HFTarget(dtypes[name].pop(), shape, tuple(parts))
+    if stages is None and out.keys() != hf_shapes.keys():
+        raise AssertionError("conversion rules do not cover every thinker tensor")
     return out
 
 
@@ -669,8 +706,6 @@ def hf_to_mm(hf_dir: str | Path, mm_dir: str | Path, layout: ParallelLayout, *, 
             files = plan_to_mm(plan, tensors, hf.config, layout, tmp / RELEASE)
             plan.run(threads)
         else:
-            from omni_fast.convert import oracle
-
             files = oracle.hf_to_mm(hf, layout, tmp / RELEASE)
         (tmp / LATEST_FILE).write_text(RELEASE)  # MindSpeed-MM writes str(iteration), no newline
         written = sum(f.stat().st_size for f in files)
@@ -747,8 +782,6 @@ def mm_to_hf(mm_dir: str | Path, hf_dir: str | Path, save_hf_dir: str | Path, la
                 files.append(tmp / file_name)
             plan.run(threads)
         else:
-            from omni_fast.convert import oracle
-
             files = oracle.mm_to_hf(mm, hf, tmp)
         written = sum(f.stat().st_size for f in files)
         _update_index_total(tmp / INDEX_FILE, hf, sum(e.nbytes for f in files for e in read_header(f).values()))
@@ -762,14 +795,16 @@ _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def read_mm_thinker(mm_dir: str | Path, config: ThinkerConfig, layout: ParallelLayout | None = None, *,
-                    iteration: int | str | None = None, threads: int = 0) -> dict[str, np.ndarray]:
+                    iteration: int | str | None = None, stages: Sequence[int] | None = None,
+                    threads: int = 0) -> dict[str, np.ndarray]:
     """The thinker tensors of an MM checkpoint, HF-named like ``Qwen2_5OmniThinker``'s parameters (no ``thinker.``),
     in their stored dtype (F32/F16 as numpy, BF16 as MindSpore's numpy bfloat16). Reads the iteration named by
     ``latest_checkpointed_iteration.txt`` unless ``iteration`` (a number or ``"release"``) is given; the PP/TP
-    layout comes from the directory (checked against ``layout`` if given)."""
+    layout comes from the directory (checked against ``layout`` if given). ``stages``: only the tensors those
+    pipeline stages hold (a pipeline rank loading its part)."""
     mm = open_mm_checkpoint(mm_dir, config, layout, iteration)
     plan = CopyPlan()
-    targets = plan_from_mm(plan, mm, config)
+    targets = plan_from_mm(plan, mm, config, stages)
     buffers = {}
     for name, target in targets.items():
         buf = np.empty(math.prod(target.shape) * ITEMSIZE[target.dtype], dtype=np.uint8)
@@ -781,11 +816,13 @@ def read_mm_thinker(mm_dir: str | Path, config: ThinkerConfig, layout: ParallelL
 
 
 def write_mm_thinker(state: Mapping[str, Any], iteration_dir: str | Path, config: ThinkerConfig,
-                     layout: ParallelLayout, *, threads: int = 0) -> list[Path]:
+                     layout: ParallelLayout, *, stages: Sequence[int] | None = None, threads: int = 0) -> list[Path]:
     """Write HF-named thinker tensors (numpy arrays: float32, float16 or a bfloat16 numpy type; names with or
-    without ``thinker.``) as ``iteration_dir/mp_rank_TT[_PPP]/model.safetensors`` for ``layout``. The files must not
-    exist yet; rank directories are created. Returns the files written."""
+    without ``thinker.``) as ``iteration_dir/mp_rank_TT[_PPP]/model.safetensors`` for ``layout``. With ``stages``,
+    only those stages' files are written and ``state`` holds exactly the tensors they need (a pipeline rank saving
+    its part). The files must not exist yet; rank directories are created. Returns the files written."""
     validate_layout(layout, config)
+    names = None if stages is None else {h for r, _, _ in placed_rules(config, layout, stages) for h in r.hf_names}
     arrays: dict[str, np.ndarray] = {}
     for name, value in state.items():
         key = thinker_key(name)
@@ -796,10 +833,10 @@ def write_mm_thinker(state: Mapping[str, Any], iteration_dir: str | Path, config
     if bad:
         raise ValueError(f"write_mm_thinker: dtypes must be float32, float16 or bfloat16: {_listing(bad)}")
     check_thinker_tensors({n: (_DTYPE_CODES[a.dtype.name], a.shape) for n, a in arrays.items()}, config,
-                          "write_mm_thinker")
+                          "write_mm_thinker", names)
     plan = CopyPlan()
     tensors = {n: Stored(plan.source(a.reshape(-1).view(np.uint8)), 0, _DTYPE_CODES[a.dtype.name], a.shape)
                for n, a in arrays.items()}
-    files = plan_to_mm(plan, tensors, config, layout, Path(iteration_dir))
+    files = plan_to_mm(plan, tensors, config, layout, Path(iteration_dir), stages)
     plan.run(threads)
     return files

@@ -2,7 +2,9 @@
 
 Bit-exact with transformers 4.53 ``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_rope_index`` (and its
 ``get_chunked_index``) on every well-formed input, written as segment arithmetic: one Python step per row and per
-multimodal item, numpy for everything inside an item. This is the readable oracle for the compiled version.
+multimodal item, numpy for everything inside an item. This is the readable oracle for the compiled version,
+``kernels/rope_index.h``; :func:`get_rope_index` (the public face, at the end) runs the same input checks, then that
+kernel when ``omni_fast._C`` is built, else this reference.
 
 Where transformers crashes (IndexError, empty ``max()``) or silently produces positions that do not line up with
 the tokens (placeholder counts that disagree with grids / audio lengths, a missing end token), this raises

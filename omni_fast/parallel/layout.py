@@ -3,7 +3,8 @@
 MindSpeed-MM's semantics (guide "单机运行配置"; docs/reference/mindspeed_mm.md sections 1.2 and 2.4):
 
 * each module with layers (``image_encoder.vision_encoder``, ``audio_encoder.audio_encoder``, ``text_decoder``) lists
-  how many of its layers each pipeline stage holds; one entry per stage, summing to the module's layer count;
+  how many of its layers each pipeline stage holds; one entry per stage, summing to the module's layer count (read
+  only when there is more than one stage);
 * encoders first: every encoder layer sits on a stage before, or on, the first stage holding text layers
   (``[32,0,0,0]`` + ``[1,10,10,7]`` is valid, ``[30,2,0,0]`` + ``[1,10,10,7]`` is not);
 * a module's front end lives on its first stage with layers (text embedding, vision patch embed, audio convs and
@@ -96,18 +97,19 @@ def _as_counts(value: Any, field: str) -> tuple[int, ...]:
 def validate_pipeline_layout(spec: ModelSpec, size: int) -> PipelineLayout:
     """Check ``pipeline_num_layers`` against ``--pipeline-model-parallel-size`` before any work.
 
-    With one stage a missing list means "everything on stage 0". Raises ``ValueError`` naming the module's list.
+    With one stage the lists are not read (as in MindSpeed-MM, which consults them only when the pipeline size is
+    above 1: ``model_7b.json``'s two-stage lists also serve a single-stage run). Raises ``ValueError`` naming the
+    module's list.
     """
     depths = module_depths(spec)
+    if size == 1:
+        return PipelineLayout(**{m: (depths[m],) for m in PIPELINE_MODULES})
     counts: dict[str, tuple[int, ...]] = {}
     problems = []
     for module in PIPELINE_MODULES:
         field = f"model.json {JSON_PATH[module]}.pipeline_num_layers"
         raw = spec.pipeline_num_layers.get(module)
         if raw is None:
-            if size == 1:
-                counts[module] = (depths[module],)
-                continue
             problems.append(f"{field} is missing: with --pipeline-model-parallel-size {size} every module needs a "
                             f"list of {size} layer counts")
             continue

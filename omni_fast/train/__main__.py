@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TrainingStopped) as err:
         logging.getLogger("omni_fast.train").error("%s", err)
         return 2
-    print(
-        f"done: {summary['iterations']} iterations, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-        f"{summary['tokens_per_second']:.0f} tokens/s ({summary['samples_per_second']:.2f} samples/s), "
-        f"MFU estimate {summary['mfu_estimate']:.1%}"
-    )
+    if trainer.is_logging_rank:  # one line per run, not per msrun worker
+        print(
+            f"done: {summary['iterations']} iterations, loss {summary['first_loss']:.4f} -> "
+            f"{summary['last_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s "
+            f"({summary['samples_per_second']:.2f} samples/s), MFU estimate {summary['mfu_estimate']:.1%}"
+        )
     return 0
 
 

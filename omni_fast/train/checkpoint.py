@@ -1,10 +1,11 @@
 """Training checkpoints in Megatron's layout, written so that a crash never leaves a broken "latest".
 
-``SAVE/iter_NNNNNNN/mp_rank_00[_PPP]/`` holds ``model.safetensors`` (the stage's weights), ``optimizer.safetensors``
-(unless --no-save-optim), ``rng.json`` (unless --no-save-rng) and ``trainer_state.json`` (iteration, consumed
-samples, the arguments). The iteration is first written to a hidden temporary directory, which is renamed into
-place when complete; ``latest_checkpointed_iteration.txt`` is replaced last (temp file + rename). A save that dies
-half-way leaves the previous checkpoint as the latest, intact and loadable.
+``SAVE/iter_NNNNNNN/mp_rank_00[_PPP]/`` holds ``model.safetensors`` (the stage's weights in MindSpeed-MM's names
+and layout, written by ``omni_fast.convert.write_mm_thinker``, so ``mm-convert mm_to_hf`` reads it),
+``optimizer.safetensors`` (unless --no-save-optim), ``rng.json`` (unless --no-save-rng) and ``trainer_state.json``
+(iteration, consumed samples, the arguments). The iteration is first written to a hidden temporary directory, which
+is renamed into place when complete; ``latest_checkpointed_iteration.txt`` is replaced last (temp file + rename). A
+save that dies half-way leaves the previous checkpoint as the latest, intact and loadable.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mindspore as ms
 import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.json"
 STATE_FILE = "trainer_state.json"
@@ -73,7 +73,7 @@ def save_checkpoint(
     iteration: int,
     *,
     rank_dir: str,
-    model_params: dict[str, ms.Parameter],
+    write_weights: Callable[[Path], None],
     optimizer_state: dict[str, np.ndarray] | None,
     rng_state: dict[str, Any] | None,
     state: TrainerState,
@@ -87,9 +87,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         rank_path = tmp / rank_dir
         rank_path.mkdir(parents=True)
-        write_rank_files(
-            rank_path, model_params=model_params, optimizer_state=optimizer_state, rng_state=rng_state, state=state
-        )
+        write_weights(tmp)
+        write_rank_files(rank_path, optimizer_state=optimizer_state, rng_state=rng_state, state=state)
         publish_iteration(save_dir, tmp, iteration, update_latest=update_latest)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,18 +102,11 @@ def save_checkpoint(
 def write_rank_files(
     rank_path: Path,
     *,
-    model_params: dict[str, ms.Parameter] | None,
     optimizer_state: dict[str, np.ndarray] | None,
     rng_state: dict[str, Any] | None,
     state: TrainerState,
 ) -> None:
-    """The files of one rank directory (``model_params`` None: the weights are written separately)."""
-    if model_params is not None:
-        ms.save_checkpoint(
-            [{"name": name, "data": p} for name, p in model_params.items()],
-            str(rank_path / MODEL_FILE),
-            format="safetensors",
-        )
+    """The training-state files of one rank directory (the weights are written by ``omni_fast.convert``)."""
     if optimizer_state is not None:
         save_numpy({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}, str(rank_path / OPTIMIZER_FILE))
     if rng_state is not None:
@@ -143,13 +135,6 @@ def load_rank_files(iteration_path: Path, rank_dir: str) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path}: missing (expected the rank directory {rank_dir} of this layout)")
     return path
-
-
-def load_model_params(rank_path: Path) -> dict[str, ms.Parameter]:
-    file = rank_path / MODEL_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    return ms.load_checkpoint(str(file), format="safetensors")
 
 
 def load_optimizer_state(rank_path: Path) -> dict[str, np.ndarray]:

@@ -12,13 +12,13 @@ What ``--load`` may be (decided by what the directory holds):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from omni_fast import parallel
 from omni_fast.config.mm_model import ModelSpec, load_model_json
-from omni_fast.config.model_config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
+from omni_fast.config.model_config import ThinkerConfig
 from omni_fast.config.train_config import STRUCTURAL_FLAGS, STRUCTURAL_SWITCHES, ParsedArgs
 from omni_fast.model import Qwen2_5OmniThinker
 from omni_fast.ops import dispatch
@@ -65,26 +65,18 @@ def classify_load(path: str | None) -> tuple[str | None, Path | None]:
     )
 
 
-def _thinker_from_dict(raw: dict[str, Any]) -> ThinkerConfig:
-    return ThinkerConfig(
-        text=TextConfig(**raw["text"]),
-        vision=VisionConfig(**raw["vision"]),
-        audio=AudioConfig(**raw["audio"]),
-        **{k: v for k, v in raw.items() if k not in ("text", "vision", "audio")},
-    )
-
-
 def model_spec(parsed: ParsedArgs, load_kind: str | None, load_dir: Path | None) -> ModelSpec:
     c = parsed.config
     if c.mm_model:
         return load_model_json(c.mm_model)
     if load_kind == "hf":
         return ModelSpec.from_thinker(ThinkerConfig.from_file(load_dir / "config.json"))
-    if load_kind == "iteration" and (load_dir / "thinker_config.json").is_file():
-        spec = ModelSpec.from_thinker(_thinker_from_dict(json.loads((load_dir / "thinker_config.json").read_text())))
-        spec.freeze = json.loads((load_dir / "freeze.json").read_text())
-        return spec
-    raise ValueError("--mm-model is required unless --load is a Hugging Face directory or a checkpoint of this trainer")
+    if load_kind == "iteration" and (load_dir / "model.json").is_file():
+        return load_model_json(load_dir / "model.json")
+    raise ValueError(
+        "--mm-model is required unless --load is a Hugging Face directory or a checkpoint of this trainer "
+        "(a converted release directory holds weights only, as in MindSpeed-MM)"
+    )
 
 
 def warn_structural_flags(parsed: ParsedArgs, spec: ModelSpec) -> None:
@@ -152,6 +144,7 @@ def build_trainer(parsed: ParsedArgs) -> Trainer:
     load_kind, load_dir = classify_load(c.load)
     spec = model_spec(parsed, load_kind, load_dir)
     warn_structural_flags(parsed, spec)
+    context = parallel.initialize(c, spec)  # parallel settings checked before any work; joins msrun's cluster
     device = dispatch.device_target()
     dtype = "bfloat16" if c.bf16 and device == "Ascend" else "float32"
     if c.bf16 and dtype == "float32":
@@ -170,13 +163,16 @@ def build_trainer(parsed: ParsedArgs) -> Trainer:
     else:
         model = Qwen2_5OmniThinker(spec.thinker, dtype=dtype)
         model.init_random(seed=c.seed)
-    trainer = Trainer(c, spec, model, dataset, collate)
+    trainer = parallel.make_trainer(c, spec, model, dataset, collate, context)
     if load_kind == "iteration":
         trainer.resume_from(load_dir)
     elif load_kind == "release":
-        from omni_fast.convert import read_mm_thinker_state
+        from mindspore import Tensor
 
-        trainer.load_weights(read_mm_thinker_state(load_dir.parent, spec), str(load_dir))
+        from omni_fast.convert import read_mm_thinker
+
+        tensors = read_mm_thinker(load_dir.parent, spec.thinker, iteration="release")
+        trainer.load_weights({name: Tensor(value) for name, value in tensors.items()}, str(load_dir))
     logger.info(
         "model: %s trainable parameters by module %s; data: %d samples; global batch %d = micro %d x accumulation %d",
         sum(trainer.trainable_counts.values()),

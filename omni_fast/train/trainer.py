@@ -28,7 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from omni_fast.config.mm_model import ModelSpec
+from omni_fast.config.mm_model import ModelSpec, model_json_from_spec
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
 from omni_fast.train import checkpoint as ckpt
@@ -108,14 +108,8 @@ class Trainer:
         self.accumulation_steps = gbs // (config.micro_batch_size * dp_size)
         self.sampler = GlobalBatchSampler(len(dataset), gbs, seed=config.seed, dp_rank=dp_rank, dp_size=dp_size)
         self.trainable_counts = apply_freeze(model, spec.freeze)
-        params = model.trainable_params()
-        self.optimizer = AdamW(
-            params,
-            beta1=config.adam_beta1,
-            beta2=config.adam_beta2,
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
+        params = self._trainable_params()
+        self.optimizer = self._build_optimizer(params)
         self.params = params
         self.iteration = 0
         self.consumed_samples = 0
@@ -129,6 +123,14 @@ class Trainer:
         )
         self.warmup_steps = warmup
         self.decay_steps = config.lr_decay_iters or config.train_iters
+
+    # Hooks for omni_fast.parallel: which parameters this process trains, and with what.
+    def _trainable_params(self) -> list:
+        return self.model.trainable_params()
+
+    def _build_optimizer(self, params: list) -> AdamW:
+        c = self.config
+        return AdamW(params, beta1=c.adam_beta1, beta2=c.adam_beta2, eps=c.adam_eps, weight_decay=c.weight_decay)
 
     # ------------------------------------------------------------------ compiled pieces
 
@@ -378,27 +380,30 @@ class Trainer:
             Path(c.save),
             self.iteration,
             rank_dir=self.rank_dir(),
-            model_params=dict(self.model.parameters_and_names()),
+            write_weights=self._write_weights,
             optimizer_state=None if c.no_save_optim else self.optimizer.state(),
             rng_state=None if c.no_save_rng else {"seed": c.seed, "iteration": self.iteration},
             state=state,
             update_latest=self.is_logging_rank,
         )
         if self.is_logging_rank:
-            (path / "thinker_config.json").write_text(json.dumps(dataclasses.asdict(self.spec.thinker), indent=2))
-            (path / "freeze.json").write_text(json.dumps(self.spec.freeze))
+            self.describe_model(path)
         logger.info("saved iteration %d to %s", self.iteration, path)
         return path
+
+    def describe_model(self, iteration_path: Path) -> None:
+        """model.json beside the weights, so that ``--load`` of this checkpoint needs no ``--mm-model``."""
+        (iteration_path / "model.json").write_text(json.dumps(model_json_from_spec(self.spec), indent=2))
 
     def resume_from(self, iteration_path: Path) -> None:
         """Continue a run saved by ``save``: weights, then optimizer/RNG state unless --no-load-*."""
         rank_path = ckpt.load_rank_files(iteration_path, self.rank_dir())
-        self.load_weights(ckpt.load_model_params(rank_path), str(rank_path))
+        self.load_weights(self._read_weights(iteration_path, rank_path), str(rank_path))
         state = ckpt.load_trainer_state(rank_path)
         self.iteration = state.iteration
         self.consumed_samples = state.consumed_samples
         if not self.config.no_load_optim:
-            self.optimizer.load_state(ckpt.load_optimizer_state(rank_path))
+            self.optimizer.load_state(self._read_optimizer_state(rank_path))
         else:
             self.optimizer.step_count = 0
         if not self.config.no_load_rng:
@@ -406,6 +411,25 @@ class Trainer:
         logger.info(
             "resumed from %s at iteration %d (%d samples consumed)", rank_path, self.iteration, self.consumed_samples
         )
+
+    # Weights in MindSpeed-MM's layout (what mm-convert reads and writes); omni_fast.parallel overrides the
+    # writer for pipeline stages. Every rank builds the whole Thinker, so every rank reads all of it.
+    def _write_weights(self, iteration_dir: Path) -> None:
+        from omni_fast.convert import ParallelLayout, write_mm_thinker
+
+        t = self.model.config
+        layout = ParallelLayout((t.text.num_hidden_layers,), (t.vision.depth,), (t.audio.encoder_layers,))
+        write_mm_thinker({n: p.asnumpy() for n, p in self.model.parameters_and_names()}, iteration_dir, t, layout)
+
+    def _read_weights(self, iteration_path: Path, rank_path: Path) -> dict[str, Any]:
+        from omni_fast.convert import read_mm_thinker
+
+        iteration = ckpt.load_trainer_state(rank_path).iteration
+        tensors = read_mm_thinker(iteration_path.parent, self.model.config, iteration=iteration)
+        return {name: Tensor(value) for name, value in tensors.items()}
+
+    def _read_optimizer_state(self, rank_path: Path) -> dict[str, Any]:
+        return ckpt.load_optimizer_state(rank_path)
 
     def load_weights(self, tensors: dict[str, Any], source: str) -> None:
         params = dict(self.model.parameters_and_names())
