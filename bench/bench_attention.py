@@ -9,9 +9,12 @@ Cases (fp32):
 
 Rows per case (a case = shape x direction, one pytest-benchmark group):
 
-* MindSpore kernel: the ``FlashAttention`` cell with the ``cpu_kernel`` backend (our aot op + its bprop), PyNative;
-* MindSpore reference (jit): the same cell on the ``reference`` backend (dense scores, one boolean mask, MindSpore
-  autodiff), compiled with ``ms.jit`` (its fastest form). Skipped where its S x S scores would not fit in RAM;
+* MindSpore kernel: the ``FlashAttention`` cell with the ``cpu_kernel`` backend (our aot op + its bprop), in
+  PyNative and compiled with ``ms.jit`` (as the trainer runs it: PyNative autodiff adds ~20 ms of framework work per
+  fwd+bwd call, which matters for the short cases);
+* MindSpore reference, PyNative and jit: the same cell on the ``reference`` backend (dense scores, one boolean
+  mask, MindSpore autodiff); jit is its faster form, PyNative its leaner one. Skipped where its S x S buffers would
+  not fit in the RAM free at that moment;
 * torch SDPA: ``torch.nn.functional.scaled_dot_product_attention`` (the peer: torch's CPU flash kernel). For TND it
   gets the equivalent block-diagonal work, the equal-length segments as a batch.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mindspore as ms
@@ -38,11 +42,6 @@ from mindspore import Tensor, nn
 from omni_fast.ops.attention import FlashAttention, explain
 
 RAM_BUDGET = 16 * 2**30  # the reference's fp32 score-sized buffers must fit here (the VM has 23 GiB, shared)
-# Score-sized fp32 buffers the composed reference holds at once under ms.jit (scores, scaled, biased, the mask as
-# a bias, probabilities; the backward adds dP, dS and autodiff copies). Observed on the 23 GiB VM: the LLM S=4k
-# forward peaked at ~17 GiB used (~8 buffers of 1.9 GiB); its fwd+bwd and 4000 audio tokens x 20 heads fwd+bwd
-# were killed for lack of memory.
-REFERENCE_BUFFERS = {"fwd": 8, "fwd+bwd": 12}
 
 
 @dataclass(frozen=True)
@@ -78,16 +77,26 @@ CASES = {  # smallest reference footprint first (see the test's parametrisation)
 }
 DIRECTIONS = ("fwd", "fwd+bwd")
 MS_KERNEL = "MindSpore kernel (PyNative)"
+MS_KERNEL_JIT = "MindSpore kernel (jit)"
+MS_REFERENCE = "MindSpore reference (PyNative)"
 MS_REFERENCE_JIT = "MindSpore reference (jit)"
 TORCH = "torch SDPA"
-IMPLS = (MS_KERNEL, TORCH, MS_REFERENCE_JIT)
+IMPLS = (MS_KERNEL, MS_KERNEL_JIT, TORCH, MS_REFERENCE, MS_REFERENCE_JIT)
+_VS_ALL = {"vs reference (jit)": MS_REFERENCE_JIT, "vs reference (PyNative)": MS_REFERENCE, "vs torch (peer)": TORCH}
 COMPARE = {
-    MS_KERNEL: {"vs its reference": MS_REFERENCE_JIT, "vs torch (peer)": TORCH},
+    MS_KERNEL: _VS_ALL,
+    MS_KERNEL_JIT: _VS_ALL,
+    MS_REFERENCE: {"vs torch (peer)": TORCH},
     MS_REFERENCE_JIT: {"vs torch (peer)": TORCH},
 }
+# Score-sized fp32 buffers the composed reference holds at once (scores, scaled, biased, probabilities; the
+# backward adds dP, dS and autodiff copies). Under ms.jit the graph keeps all of them: the LLM S=4k forward peaked
+# at ~17 GiB used (~8 buffers of 1.9 GiB); its fwd+bwd and 4000 audio tokens x 20 heads fwd+bwd were killed for
+# lack of memory. PyNative frees each intermediate once used.
+REFERENCE_BUFFERS = {MS_REFERENCE: {"fwd": 4, "fwd+bwd": 8}, MS_REFERENCE_JIT: {"fwd": 8, "fwd+bwd": 12}}
 NOTE = (
     "fwd+bwd is `ms.grad` of sum(out * dout) -> (dq, dk, dv) (torch: `torch.autograd.grad` with dout). Ours run "
-    "in PyNative with launch_blocking (one op: jit adds nothing); the reference is compiled with ms.jit. torch "
+    "both in PyNative (launch_blocking) and under ms.jit, and so does the reference. torch "
     "SDPA gets `is_causal=True, enable_gqa=True` for the LLM and the segments as a batch for TND. FLOPs: attended "
     "pairs only (causal half), backward = 2.5x forward. Memory = analytic working set beyond inputs and outputs "
     "(ours from the kernel's buffers; the reference's from its score-sized buffers, see REFERENCE_BUFFERS; not "
@@ -105,7 +114,7 @@ def working_set_mib(case: Case, impl: str, direction: str) -> float | None:
     """Analytic extra memory (MiB) beyond inputs and outputs; None for torch (its internals are not modelled)."""
     pad = -(-case.head_dim // 16) * 16
     threads = 2
-    if impl == MS_KERNEL:
+    if impl in (MS_KERNEL, MS_KERNEL_JIT):
         # forward: per thread, the 128-row query block and output accumulator of each query head of the GQA group,
         # one packed K^T / V block and the score tile. backward: per work item (segment, kv head), Q, dO and a dQ
         # accumulator for the group's query heads (float32), per-row lse / Delta, and per-thread tiles.
@@ -114,14 +123,22 @@ def working_set_mib(case: Case, impl: str, direction: str) -> float | None:
         forward = threads * (2 * group * 128 * pad + 128 * 2 * pad + 128 * 128)
         backward = threads * (group * rows * (3 * pad + 2) + 5 * 128 * pad + 2 * 128 * 128)
         return _mib(forward if direction == "fwd" else forward + backward)
-    if impl == MS_REFERENCE_JIT:
+    if impl in (MS_REFERENCE, MS_REFERENCE_JIT):
         # dense [N, Sq, Skv] scores and probabilities; autodiff keeps them and adds dP, dS (see REFERENCE_BUFFERS).
-        return reference_bytes(case, direction) / 2**20
+        return reference_bytes(case, direction, impl) / 2**20
     return None
 
 
-def reference_bytes(case: Case, direction: str) -> float:
-    return REFERENCE_BUFFERS[direction] * 4.0 * case.heads * case.seq * case.seq
+def reference_bytes(case: Case, direction: str, impl: str) -> float:
+    return REFERENCE_BUFFERS[impl][direction] * 4.0 * case.heads * case.seq * case.seq
+
+
+def available_bytes() -> float:
+    """MemAvailable now: the machine is shared, other sessions' tests and builds use RAM too."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable"):
+            return 1024.0 * int(line.split()[1])
+    return float(RAM_BUDGET)
 
 
 def attention_op(case: Case, backend: str) -> FlashAttention:
@@ -224,8 +241,9 @@ def _callable(name: str, impl: str, direction: str, d: Inputs) -> Callable[[], t
     key = (name, impl, direction)
     if key not in _STEPS:
         _STEPS.clear()  # the reference's compiled graphs hold S x S buffers: keep one step alive
-        backend = "cpu_kernel" if impl == MS_KERNEL else "reference"
-        _STEPS[key] = (Step if impl == MS_KERNEL else JitStep)(attention_op(case, backend), direction != "fwd")
+        backend = "cpu_kernel" if impl in (MS_KERNEL, MS_KERNEL_JIT) else "reference"
+        step_type = JitStep if impl in (MS_KERNEL_JIT, MS_REFERENCE_JIT) else Step
+        _STEPS[key] = step_type(attention_op(case, backend), direction != "fwd")
     step = _STEPS[key]
     return lambda: ms_sync(step(*d.ms_args))
 
@@ -253,9 +271,12 @@ _WANT: dict[tuple[str, str], tuple[np.ndarray, ...]] = {}
 def test_attention(benchmark: Any, name: str, direction: str, impl: str) -> None:
     case = CASES[name]
     assert attention_op(case, "cpu_kernel").backend == "cpu_kernel", explain()
-    if impl == MS_REFERENCE_JIT and reference_bytes(case, direction) > RAM_BUDGET:
-        gib = reference_bytes(case, direction) / 2**30
-        pytest.skip(f"the composed reference needs ~{gib:.0f} GiB of S x S buffers (budget {RAM_BUDGET / 2**30:.0f})")
+    if impl in (MS_REFERENCE, MS_REFERENCE_JIT):
+        need, budget = reference_bytes(case, direction, impl), min(RAM_BUDGET, 0.85 * available_bytes())
+        if need > budget:
+            pytest.skip(
+                f"the composed reference needs ~{need / 2**30:.0f} GiB of S x S buffers, {budget / 2**30:.0f} free"
+            )
     d = inputs_for(name)
     benchmark.group = f"attention {direction}, {name} fp32"
     if (name, direction) not in _WANT:
@@ -281,7 +302,7 @@ def test_attention(benchmark: Any, name: str, direction: str, impl: str) -> None
         section="Flash attention (compute-bound: GFLOP/s and % of the GEMM peak)",
         impl=impl,
         compare=COMPARE.get(impl, {}),
-        headline=impl == MS_KERNEL,
+        headline=impl in (MS_KERNEL, MS_KERNEL_JIT),
         flops=case.flops(direction),
         details=details,
         note=NOTE,

@@ -9,7 +9,7 @@ free disk space, and reused by later runs.
 Rows per case (a case = one conversion, one pytest-benchmark group):
 
 * ``compiled``: ``omni_fast.convert.hf_to_mm`` / ``mm_to_hf`` as ``mm-convert`` runs them (validation, planning,
-  the C++ copy from memory-mapped files, the final rename), all OpenMP threads;
+  the C++ copy from memory-mapped files, the final rename), all OpenMP threads (one per output file at a time);
 * ``numpy oracle``: the same call with ``backend="numpy"``, MindSpeed-MM's procedure on whole arrays (a stand-in
   for the peer, which converts tensor by tensor in Python with torch);
 * ``plain copy``: ``shutil.copyfile`` of the input's weight files, the same number of bytes with no conversion at
@@ -64,10 +64,11 @@ COMPARE = {COMPILED: {"vs numpy oracle": NUMPY, "vs plain copy (disk limit)": CO
 NOTE = (
     "Synthetic checkpoint with Qwen2.5-Omni-7B's thinker tensor shapes, text 2 / vision 4 / audio 4 layers "
     "(3.63 GB of bf16 thinker weights, plus a 15 MB talker tensor), 2 shards, random bits. Pipeline layout "
-    "text [1,1], vision [4,0], audio [4,0]. Each round starts after os.sync() and the removal of the previous "
-    "output (untimed); no row calls fsync, so the times include writing into the page cache and whatever writeback "
-    "the kernel does meanwhile, the same for all three rows. GB/s counts bytes read + bytes written. Before timing, "
-    "the compiled and numpy outputs are checked byte-identical (untimed). Shared 2-core VM: minima over rounds."
+    "text [1,1], vision [4,0], audio [4,0]. Each round starts after the removal of the previous output, os.sync() "
+    "and up to 10 s for the kernel's background work to settle (untimed); no row calls fsync, so the times "
+    "include writing into the page cache and whatever writeback the kernel does meanwhile, the same for all three "
+    "rows. GB/s counts bytes read + bytes written. Before timing, the compiled and numpy outputs are checked "
+    "byte-identical (untimed). Shared 2-core VM: minima over rounds; the spread between rounds is large."
 )
 LAYOUT = {"llm_pp_layers": "[1,1]", "vit_pp_layers": "[4,0]", "audio_pp_layers": "[4,0]"}
 
@@ -181,7 +182,8 @@ def test_convert(benchmark: Any, workspace: dict[str, Path], case: str, impl: st
     def setup() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        os.sync()  # start every round without another round's dirty pages in flight
+        os.sync()  # start every round without another round's dirty pages in flight,
+        wait_for_quiet(max_wait=10)  # nor the kernel still freeing (and discarding) the last round's 3.6 GB
 
     benchmark.group = f"{case} (7B shapes, 3.6 GB bf16)"
     busy = wait_for_quiet()

@@ -131,8 +131,9 @@ def _yardstick_lines(doc: dict[str, Any]) -> list[str]:
     for run in extra.get("copy", []):
         parts = ", ".join(f"{name} {_num(v)}" for name, v in run["gbs"].items())
         lines.append(
-            f"- Copy of a {run['mib']} MiB fp32 array (read + write counted), at the session {run['when']} (others "
-            f"busy {100 * run.get('cpu_busy_before', float('nan')):.0f}%): {parts} GB/s"
+            f"- Copy of a {run['mib']} MiB fp32 array (read + write counted; the RMSNorm tensors are 56-80 MiB), "
+            f"at the session {run['when']} (others busy {100 * run.get('cpu_busy_before', float('nan')):.0f}%): "
+            f"{parts} GB/s"
         )
     if copy_gbs(doc):
         lines.append(f"- **Copy bandwidth used below: {_num(copy_gbs(doc))} GB/s**")
@@ -185,7 +186,7 @@ def render(doc: dict[str, Any]) -> str:
         "## How to read the tables",
         "",
         "- Times are per call, in ms: **min** over the timed rounds (noise from other jobs only adds time), median "
-        "for spread. Each row waits (up to 20 s) for the other processes to leave the CPUs; *CPU busy before, %* is "
+        "for spread. Each row waits (up to 10 s) for the other processes to leave the CPUs; *CPU busy before, %* is "
         "how busy they were when its timed rounds started.",
         "- A **speed-up column** is (min time of the named implementation) / (min time of this row), both from this "
         "run; above 1 means this row is faster.",
@@ -220,11 +221,24 @@ def render(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file", help="the file written by pytest --benchmark-json")
+    parser.add_argument(
+        "json_files", nargs="+", help="files written by pytest --benchmark-json; several runs become one section each"
+    )
     args = parser.parse_args(argv)
-    with open(args.json_file) as fh:
-        doc = json.load(fh)
-    sys.stdout.write(render(doc))
+    sections = []
+    for path in args.json_files:
+        with open(path) as fh:
+            text = render(json.load(fh))
+        if len(args.json_files) > 1:  # one run per section: its ratios, machine and yardsticks belong together
+            text = text.replace("\n## ", "\n### ").replace("# omni_fast benchmark results", "## Run", 1)
+        sections.append(text)
+    if len(sections) > 1:
+        sections.insert(
+            0,
+            "# omni_fast benchmark results\n\nOne section per benchmark run: every ratio compares implementations "
+            "timed in the same run, next to that run's machine description and yardsticks.\n\n",
+        )
+    sys.stdout.write("\n".join(sections))
     return 0
 
 

@@ -248,3 +248,24 @@ def test_nan_policy_skip_and_stop():
 
     with pytest.raises(TrainingStopped, match="non-finite loss at iteration 2 on samples"):
         trainer.train_step()
+
+
+def test_recompute_keys_mark_layers_and_keep_gradients():
+    plain = _step_gradients(make_trainer(micro_batch_size=2, global_batch_size=2, jit=True))
+    trainer = make_trainer(micro_batch_size=2, global_batch_size=2, jit=True)
+    from omni_fast.train.trainer import apply_recompute
+
+    marked = apply_recompute(
+        trainer.model,
+        {
+            "text_decoder": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+            "vision_encoder": {"recompute_granularity": "selective"},
+        },
+    )
+    assert marked == {"text_decoder": 1, "vision_encoder": 2}
+    recomputed = _step_gradients(trainer)
+    assert recomputed[0] == pytest.approx(plain[0], rel=1e-6)
+    for a, b in zip(recomputed[1], plain[1]):
+        assert_rel_close(a, b, 1e-5)
+    with pytest.raises(ValueError, match="recompute_granularity 'layer'"):
+        apply_recompute(trainer.model, {"audio_encoder": {"recompute_granularity": "layer"}})

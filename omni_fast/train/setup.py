@@ -145,6 +145,15 @@ def build_trainer(parsed: ParsedArgs) -> Trainer:
     spec = model_spec(parsed, load_kind, load_dir)
     warn_structural_flags(parsed, spec)
     context = parallel.initialize(c, spec)  # parallel settings checked before any work; joins msrun's cluster
+    for flag in ("use_flash_attn", "use_fused_rmsnorm"):
+        if getattr(c, flag):
+            logger.info(
+                "--%s: the fused kernels are always used where a backend can serve the input (Ascend: MindSpore's "
+                "native ops; CPU: omni_fast's kernels); `python -c 'import omni_fast.ops.%s as m; print(m.explain())'` "
+                "says which serves here",
+                flag.replace("_", "-"),
+                "attention" if flag == "use_flash_attn" else "rms_norm",
+            )
     device = dispatch.device_target()
     dtype = "bfloat16" if c.bf16 and device == "Ascend" else "float32"
     if c.bf16 and dtype == "float32":
@@ -173,6 +182,8 @@ def build_trainer(parsed: ParsedArgs) -> Trainer:
 
         tensors = read_mm_thinker(load_dir.parent, spec.thinker, iteration="release")
         trainer.load_weights({name: Tensor(value) for name, value in tensors.items()}, str(load_dir))
+    if trainer.recomputed_layers:
+        logger.info("recomputation (model.json recompute_*): layers marked per module %s", trainer.recomputed_layers)
     logger.info(
         "model: %s trainable parameters by module %s; data: %d samples; global batch %d = micro %d x accumulation %d",
         sum(trainer.trainable_counts.values()),

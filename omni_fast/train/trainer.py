@@ -79,6 +79,37 @@ def apply_freeze(model: Qwen2_5OmniThinker, freeze: dict[str, bool]) -> dict[str
     return counts
 
 
+def apply_recompute(model: Qwen2_5OmniThinker, recompute: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """model.json's ``recompute_*`` keys as MindSpore recomputation (activations of the marked cells are recomputed
+    in the backward instead of kept), Megatron's meaning: granularity ``full`` recomputes whole layers —
+    method ``uniform`` all of them, ``block`` the first ``recompute_num_layers`` — and ``selective`` only the
+    attention of every layer. Returns the number of layers marked per module."""
+    towers = {
+        "vision_encoder": (model.visual.blocks, "attn"),
+        "audio_encoder": (model.audio_tower.layers, "self_attn"),
+        "text_decoder": (model.model.layers, "self_attn"),
+    }
+    marked = {}
+    for module, keys in recompute.items():
+        if module not in towers:
+            raise ValueError(f"model.json {module}: recompute_* keys are supported on the encoders and text_decoder")
+        layers, attention = towers[module]
+        granularity = keys.get("recompute_granularity", "full")
+        method = keys.get("recompute_method", "uniform")
+        if granularity not in ("full", "selective") or method not in ("uniform", "block"):
+            raise ValueError(
+                f"model.json {module}: recompute_granularity {granularity!r} / recompute_method {method!r} "
+                "(expected full|selective and uniform|block)"
+            )
+        count = len(layers)
+        if granularity == "full" and method == "block":
+            count = min(int(keys.get("recompute_num_layers", count)), count)
+        for layer in list(layers)[:count]:
+            (getattr(layer, attention) if granularity == "selective" else layer).recompute()
+        marked[module] = count
+    return marked
+
+
 class Trainer:
     def __init__(
         self,
@@ -108,6 +139,7 @@ class Trainer:
         self.accumulation_steps = gbs // (config.micro_batch_size * dp_size)
         self.sampler = GlobalBatchSampler(len(dataset), gbs, seed=config.seed, dp_rank=dp_rank, dp_size=dp_size)
         self.trainable_counts = apply_freeze(model, spec.freeze)
+        self.recomputed_layers = apply_recompute(model, spec.recompute)
         params = self._trainable_params()
         self.optimizer = self._build_optimizer(params)
         self.params = params
