@@ -14,7 +14,8 @@ from omni_fast.data.config import DataConfig
 from omni_fast.data.demo import ensure_demo_data
 from omni_fast.data.processor import OmniProcessor
 
-LLAMAFACTORY_DEMO = Path("/work/shared/data/llamafactory_demo")
+# shared/ lies beside the repository checkout (for developers and in CI).
+LLAMAFACTORY_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory_demo"
 
 
 @functools.cache
