@@ -229,6 +229,16 @@ class AudioEncoder(nn.Cell):
         pool_index: Tensor,
     ) -> Tensor:
         """[n_audio, n_mels, T_pad] + the arrays of :func:`prepare_audio_inputs` -> [M, output_dim]."""
+        x = self.front(input_features, tap_audio, tap_frame, mel_mask, keep_index)
+        for layer in self.layers:
+            x = layer(x, cu_seqlens)
+        return self.back(x, pool_index)
+
+    # front / back are the parts before and after the layers, separate so that pipeline stages can split the tower.
+    def front(
+        self, input_features: Tensor, tap_audio: Tensor, tap_frame: Tensor, mel_mask: Tensor, keep_index: Tensor
+    ) -> Tensor:
+        """Convolutions and positions: padded mel features -> packed valid frames [N, d_model]."""
         cd = self.compute_dtype
         n_audio, n_mels, t_pad = input_features.shape
         n_chunks, p, _ = tap_audio.shape
@@ -247,10 +257,9 @@ class AudioEncoder(nn.Cell):
         pairs = h.reshape(n_chunks, p2 + 1, 2 * d)
         cols = ops.cat((pairs[:, :p2], pairs[:, 1:, :d]), -1)
         h = gelu(self.conv2(cols)) + self.positions[:p2].astype(cd)  # positions restart in every chunk
+        return ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
 
-        x = ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
-        for layer in self.layers:
-            x = layer(x, cu_seqlens)
-
+    def back(self, x: Tensor, pool_index: Tensor) -> Tensor:
+        """Average-pool pairs of frames per audio, ln_post, proj -> [M, output_dim]."""
         pooled = (ops.gather(x, pool_index, 0) + ops.gather(x, pool_index + 1, 0)) * 0.5
         return self.proj(self.ln_post(pooled))

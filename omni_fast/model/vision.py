@@ -240,14 +240,21 @@ class VisionEncoder(nn.Cell):
         full_cu_seqlens: Tensor,
         rotary_pos_ids: Tensor,
     ) -> Tensor:
-        x = self.patch_embed(pixel_values)
-        n = x.shape[0]
-        # Window order: move whole merge units so that each window (and each temporal slice) is contiguous.
-        x = ops.gather(x.reshape(n // self.unit, self.unit, self.hidden_size), window_index, 0)
-        x = x.reshape(n, self.hidden_size)
+        x = self.front(pixel_values, window_index)
         cos, sin = self.rotary_cos_sin(rotary_pos_ids)
         for i in range(len(self.blocks)):
             cu_seqlens = full_cu_seqlens if self.full_attention[i] else window_cu_seqlens
             x = self.blocks[i](x, cos, sin, cu_seqlens)
-        x = self.merger(x)
-        return ops.gather(x, reverse_index, 0)
+        return self.back(x, reverse_index)
+
+    # front / back are the parts before and after the blocks, separate so that pipeline stages can split the tower.
+    def front(self, pixel_values: Tensor, window_index: Tensor) -> Tensor:
+        """Patch embedding, then window order: whole merge units moved so each window (and slice) is contiguous."""
+        x = self.patch_embed(pixel_values)
+        n = x.shape[0]
+        x = ops.gather(x.reshape(n // self.unit, self.unit, self.hidden_size), window_index, 0)
+        return x.reshape(n, self.hidden_size)
+
+    def back(self, x: Tensor, reverse_index: Tensor) -> Tensor:
+        """Merger, then the window permutation undone (raster merge order)."""
+        return ops.gather(self.merger(x), reverse_index, 0)

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor
 
 from omni_fast.model import Qwen2_5OmniThinker
-from omni_fast.model.layers import gelu
 from omni_fast.model.text import padded_row_segments
 from omni_fast.model.thinker import causal_lm_loss
 from omni_fast.ops.scatter import multimodal_scatter
@@ -131,23 +130,7 @@ class PipelineStage:
     # Audio: AudioEncoder.construct cut at its layers. plan = (features, tap_audio, tap_frame, mel_mask, keep_index,
     # cu_seqlens, pool_index).
     def _audio_front(self, plan: tuple) -> Tensor:
-        tower = self.model.audio_tower
-        input_features, tap_audio, tap_frame, mel_mask, keep_index = plan[:5]
-        cd = tower.compute_dtype
-        n_audio, n_mels, t_pad = input_features.shape
-        n_chunks, p, _ = tap_audio.shape
-        d = tower.d_model
-        frames = input_features.astype(cd).transpose(0, 2, 1).reshape(n_audio * t_pad, n_mels)
-        frames = ops.cat((frames, ops.zeros((1, n_mels), cd)), 0)
-        flat = (tap_audio * t_pad + tap_frame).reshape(-1)
-        cols = ops.gather(frames, flat, 0).reshape(n_chunks, p, 3 * n_mels)
-        h = gelu(tower.conv1(cols)) * mel_mask.astype(cd)
-        p2 = (p - 1) // 2 + 1
-        h = ops.cat((ops.zeros((n_chunks, 1, d), cd), h, ops.zeros((n_chunks, 2 * p2 + 1 - p, d), cd)), 1)
-        pairs = h.reshape(n_chunks, p2 + 1, 2 * d)
-        cols = ops.cat((pairs[:, :p2], pairs[:, 1:, :d]), -1)
-        h = gelu(tower.conv2(cols)) + tower.positions[:p2].astype(cd)
-        return ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
+        return self.model.audio_tower.front(*plan[:5])
 
     def _audio_layers(self, plan: tuple, x: Tensor, layers: range) -> Tensor:
         for i in layers:
@@ -155,19 +138,12 @@ class PipelineStage:
         return x
 
     def _audio_back(self, plan: tuple, x: Tensor) -> Tensor:
-        tower = self.model.audio_tower
-        pool_index = plan[6]
-        pooled = (ops.gather(x, pool_index, 0) + ops.gather(x, pool_index + 1, 0)) * 0.5
-        return tower.proj(tower.ln_post(pooled))
+        return self.model.audio_tower.back(x, plan[6])
 
     # Vision: VisionEncoder.construct cut at its blocks. plan = (pixel_values, window_index, reverse_index,
     # window_cu_seqlens, full_cu_seqlens, rotary_pos_ids).
     def _vision_front(self, plan: tuple) -> Tensor:
-        visual = self.model.visual
-        x = visual.patch_embed(plan[0])
-        n = x.shape[0]
-        x = ops.gather(x.reshape(n // visual.unit, visual.unit, visual.hidden_size), plan[1], 0)
-        return x.reshape(n, visual.hidden_size)
+        return self.model.visual.front(plan[0], plan[1])
 
     def _vision_layers(self, plan: tuple, x: Tensor, layers: range) -> Tensor:
         visual = self.model.visual
@@ -179,7 +155,7 @@ class PipelineStage:
         return x
 
     def _vision_back(self, plan: tuple, x: Tensor) -> Tensor:
-        return ops.gather(self.model.visual.merger(x), plan[2], 0)
+        return self.model.visual.back(x, plan[2])
 
 
 def carry_after(layout: PipelineLayout, stage: int, batch: tuple) -> tuple[str, ...]:
