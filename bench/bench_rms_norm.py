@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from harness import best_seconds, ms_sync, wait_for_quiet
+from harness import best_seconds, ms_sync, run_rounds
 from mindspore import Tensor, nn
 
 from omni_fast.ops.library import host_module
@@ -205,8 +205,7 @@ def test_rms_norm(benchmark: Any, inputs: Callable[[str], Inputs], shape_name: s
     per_call = best_seconds(fn, repeats=1, warmup=0)
     # A budget of about 1.5 s per row, between 3 and 15 rounds: the slow references get few, the kernels many.
     rounds = int(min(15, max(3, 1.5 // max(per_call, 1e-3))))
-    busy = wait_for_quiet()
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    noise = run_rounds(benchmark, fn, rounds, warmup_rounds=1)
     # GB/s and the ratios are derived from the minima when the JSON is written (conftest -> report.add_derived).
     benchmark.extra_info.update(
         section="RMSNorm (memory-bound: GB/s, not a fraction of the GEMM peak)",
@@ -214,6 +213,6 @@ def test_rms_norm(benchmark: Any, inputs: Callable[[str], Inputs], shape_name: s
         compare=COMPARE.get(impl, {}),
         headline=impl in HEADLINE,
         bytes=_traffic_bytes(shape, direction),
-        details={"CPU busy before, %": 100 * busy},
+        details=noise,
         note=NOTE,
     )

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 from flops import thinker_training_flops
-from harness import best_seconds, ms_sync, wait_for_quiet
+from harness import best_seconds, ms_sync, run_rounds
 from sequences import build_batch
 from tiny_omni import TINY_IDS, save_hf_thinker, tiny_thinker_config_dict
 
@@ -266,8 +266,7 @@ def test_thinker_train_step(
     per_call = best_seconds(fn, repeats=1, warmup=0)
     # About 12 s per row, 4 to 10 rounds: the 21M steps take ~1-2 s on a quiet machine, the tiny ones ~0.1 s.
     rounds = int(min(10, max(4, 12 // max(per_call, 1e-3))))
-    details["CPU busy before, %"] = 100 * wait_for_quiet()
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)  # the calls above were the warm-up
+    details.update(run_rounds(benchmark, fn, rounds))  # the calls above were the warm-up
 
     details["loss"] = loss
     audio_frames = inputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in inputs else ()

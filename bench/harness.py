@@ -46,7 +46,7 @@ def cpu_busy_fraction(interval: float = 0.5) -> float:
     return (busy1 - busy0) / max(total1 - total0, 1)
 
 
-def wait_for_quiet(max_wait: float | None = None, threshold: float = 0.2) -> float:
+def wait_for_quiet(max_wait: float | None = None, threshold: float = 0.2, interval: float = 0.5) -> float:
     """Wait (at most ``max_wait`` s, default ``$OMNI_BENCH_IDLE_WAIT`` or 10) until other processes use less than
     ``threshold`` of the CPUs; return the last busy fraction seen. On a 2-core machine shared with test runs and
     builds, starting the timed rounds in a quiet moment matters more than any number of rounds."""
@@ -54,10 +54,61 @@ def wait_for_quiet(max_wait: float | None = None, threshold: float = 0.2) -> flo
         max_wait = float(os.environ.get("OMNI_BENCH_IDLE_WAIT", "10"))
     deadline = time.monotonic() + max_wait
     while True:
-        busy = cpu_busy_fraction()
+        busy = cpu_busy_fraction(interval)
         if busy <= threshold or time.monotonic() >= deadline:
             return busy
-        time.sleep(0.5)
+        time.sleep(interval)
+
+
+def _own_jiffies() -> int:
+    """CPU time of this process (all threads), in the same clock ticks as /proc/stat."""
+    stat = Path("/proc/self/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may contain spaces
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
+
+
+class QuietRounds:
+    """``benchmark.pedantic`` setup/teardown pair for a shared machine.
+
+    Before each round (untimed) it waits for a quiet moment, spending at most ``budget`` seconds per benchmark in
+    all, and it measures what share of the CPUs *other* processes used during the timed rounds (busy time of the
+    whole machine minus this process's own CPU time), so a reader can tell a clean minimum from a noisy one.
+    """
+
+    def __init__(self, budget: float = 10.0) -> None:
+        self.budget = budget
+        self.others = 0
+        self.total = 0
+        self._start = (0, 0, 0)
+
+    def setup(self) -> None:
+        if self.budget > 0:
+            started = time.monotonic()
+            wait_for_quiet(min(self.budget, 2.0), interval=0.1)
+            self.budget -= time.monotonic() - started
+        self._start = (*_cpu_times(), _own_jiffies())
+
+    def teardown(self, *args: Any, **kwargs: Any) -> None:
+        busy, total = _cpu_times()
+        own = _own_jiffies()
+        busy0, total0, own0 = self._start
+        self.others += max(0, (busy - busy0) - (own - own0))
+        self.total += total - total0
+
+    @property
+    def others_fraction(self) -> float:
+        return self.others / self.total if self.total else 0.0
+
+
+def run_rounds(benchmark: Any, fn: Callable[[], Any], rounds: int, warmup_rounds: int = 0) -> dict[str, float]:
+    """``benchmark.pedantic(fn)`` started in a quiet moment, each round too; returns the detail columns describing
+    the noise (other processes' CPU share while the rounds ran)."""
+    wait_for_quiet()
+    quiet = QuietRounds()
+    benchmark.pedantic(
+        fn, setup=quiet.setup, teardown=quiet.teardown, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1
+    )
+    return {"others' CPU while timed, %": 100 * quiet.others_fraction}
 
 
 def ms_sync(out: Any) -> Any:
@@ -157,7 +208,7 @@ def measure_gemm(n: int = 2048, repeats: int = 8) -> dict[str, Any]:
     return {"n": n, "repeats": repeats, "gflops": gflops, "peak_gflops": gflops[source], "peak_source": source}
 
 
-def measure_copy_bandwidth(mib: int = 64, repeats: int = 8) -> dict[str, Any]:
+def measure_copy_bandwidth(mib: int = 64, repeats: int = 20) -> dict[str, Any]:
     """Copy GB/s of a ``mib`` MiB fp32 array (read + write counted, 2 x size / time): the floor for an op that reads
     and writes each element once. 64 MiB is the size of the RMSNorm benchmark's tensors (56 and 80 MiB), so the
     yardstick sees the same cache effects (larger than L2, close to an EPYC L3) as the op it judges."""

@@ -186,8 +186,10 @@ def render(doc: dict[str, Any]) -> str:
         "## How to read the tables",
         "",
         "- Times are per call, in ms: **min** over the timed rounds (noise from other jobs only adds time), median "
-        "for spread. Each row waits (up to 10 s) for the other processes to leave the CPUs; *CPU busy before, %* is "
-        "how busy they were when its timed rounds started.",
+        "for spread. Rows wait (up to 10 s) for the other processes to leave the CPUs before timing. *others' CPU "
+        "while timed, %*: the share of the CPUs other processes used during the row's timed rounds (each round "
+        "also waits up to 2 s for a quiet moment); near 0 = a clean number. *CPU busy before, %*: how busy they "
+        "were when the rounds started.",
         "- A **speed-up column** is (min time of the named implementation) / (min time of this row), both from this "
         "run; above 1 means this row is faster.",
         "- Memory-bound ops are reported in **GB/s** of compulsory traffic (each input read once, each output "

@@ -276,6 +276,8 @@ def test_validation_errors_name_the_field(hub_bf16, tmp_path):
         ParallelLayout.parse("[3]", "[3]", "[-1]")
     with pytest.raises(ValueError, match="parallel_config.tp_size must be a positive integer"):
         ParallelLayout.parse("[3]", "[3]", "[3]", 0)
+    with pytest.raises(ValueError, match="parallel_config.audio_pp_layers has 1 entries"):
+        ParallelLayout((1, 2), (3, 0), (3,))  # the constructor checks too, not only the CLI parser
 
     empty = tmp_path / "empty_hf"
     empty.mkdir()
@@ -447,6 +449,24 @@ def test_engine_fast_path_equals_reference_and_numpy(tmp_path, monkeypatch, tria
             plan.run(threads=2, reference=reference)
             got = out.read_bytes() if sink_kind == "file" else out.tobytes()
             assert got == want, (sink_kind, reference)
+
+
+def test_engine_big_units_from_a_mapped_file(tmp_path):
+    """Units of several writes (> 256 KiB each) read from a memory-mapped file: a straight run and a column slice."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    (tmp_path / "src.bin").write_bytes(data.tobytes())
+    plan = CopyPlan()
+    src = plan.source(tmp_path / "src.bin")
+    rows, cols = 1024, 768  # 1024 x 768 float32 = 3 MiB; keep columns 256..767 (2 MiB) as the second tensor
+    size = 5 + (1 << 20) + rows * 512 * 4
+    sink = plan.sink(tmp_path / "out.bin", size)
+    plan.add_bytes(sink, 0, b"head!")
+    plan.add_tensor(sink, 5, (256, 1024), 4, [Rect(Loc(src, 0, 1024, 4), 0, 0, 0, 0, 256, 1024)])
+    plan.add_tensor(sink, 5 + (1 << 20), (rows, 512), 4, [Rect(Loc(src, 0, cols, 4), 0, 256, 0, 0, rows, 512)])
+    plan.run(threads=2)
+    want = b"head!" + data[: 1 << 20].tobytes() + data.reshape(rows, cols * 4)[:, 1024:].tobytes()
+    assert (tmp_path / "out.bin").read_bytes() == want
 
 
 def test_engine_rejects_bad_plans(tmp_path):

@@ -134,16 +134,25 @@ class ParallelLayout:
             tp_size = int(tp_size) if tp_size.strip().isdigit() else tp_size
         if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
             raise ValueError(f"parallel_config.tp_size must be a positive integer, got {tp_size!r}")
-        layout = cls(parse_layer_list(llm_pp_layers, "parallel_config.llm_pp_layers"),
-                     parse_layer_list(vit_pp_layers, "parallel_config.vit_pp_layers"),
-                     parse_layer_list(audio_pp_layers, "parallel_config.audio_pp_layers"), tp_size)
+        return cls(parse_layer_list(llm_pp_layers, "parallel_config.llm_pp_layers"),
+                   parse_layer_list(vit_pp_layers, "parallel_config.vit_pp_layers"),
+                   parse_layer_list(audio_pp_layers, "parallel_config.audio_pp_layers"), tp_size)
+
+    def __post_init__(self) -> None:
+        for name in MODALITIES:
+            field = f"{name}_pp_layers"
+            value = tuple(getattr(self, field))
+            if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+                raise ValueError(f"parallel_config.{field}: expected non-negative layer counts, got {list(value)}")
+            object.__setattr__(self, field, value)
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"parallel_config.tp_size must be a positive integer, got {self.tp_size!r}")
         for name in ("vit", "audio"):
-            if len(layout.layers(name)) != layout.pp_size:
+            if len(self.layers(name)) != self.pp_size:
                 # MindSpeed-MM only warns here ("hetero PP"); its writer then sizes the pipeline by the ViT list and
                 # its reader by whichever list it is given. One entry per stage keeps every stage defined.
-                raise ValueError(f"parallel_config.{name}_pp_layers has {len(layout.layers(name))} entries but "
-                                 f"parallel_config.llm_pp_layers has {layout.pp_size}: give one count per stage")
-        return layout
+                raise ValueError(f"parallel_config.{name}_pp_layers has {len(self.layers(name))} entries but "
+                                 f"parallel_config.llm_pp_layers has {self.pp_size}: give one count per stage")
 
     @property
     def pp_size(self) -> int:
