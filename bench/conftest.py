@@ -23,9 +23,12 @@ sys.path.append(str(BENCH.parent / "tests"))
 from harness import describe_machine, measure_copy_bandwidth, measure_gemm, wait_for_quiet  # noqa: E402
 from report import add_derived  # noqa: E402
 
+from omni_fast.ops import dispatch  # noqa: E402
+
 # PyNative with launch blocking: the default async launch is 4-6x slower on 2 cores (mindone_peer.md). The
 # benchmarks that say "jit" compile their step with ms.jit on top of this.
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+dispatch.configure_cpu_runtime()  # as `python -m omni_fast.train` runs: graph kernels launched in order
 ms.runtime.launch_blocking()
 
 SESSION: dict[str, Any] = {"gemm": [], "copy": []}

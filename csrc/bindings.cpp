@@ -16,9 +16,13 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How the kernels were built: CPU features detected at build time, arch flags, OpenMP threads.");
+  register_activation(m);
+  register_adamw(m);
   register_attention(m);
   register_convert(m);
+  register_layer_norm(m);
   register_rms_norm(m);
   register_rope_index(m);
+  register_rotary(m);
   register_scatter(m);
 }

@@ -6,8 +6,12 @@
 
 namespace py = pybind11;
 
+void register_activation(py::module_& m);
+void register_adamw(py::module_& m);
 void register_attention(py::module_& m);
 void register_convert(py::module_& m);
+void register_layer_norm(py::module_& m);
 void register_rms_norm(py::module_& m);
 void register_rope_index(py::module_& m);
+void register_rotary(py::module_& m);
 void register_scatter(py::module_& m);

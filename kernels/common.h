@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace omni_fast {
 
@@ -33,6 +34,20 @@ inline bf16 from_float<bf16>(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// A row as float32: float rows as they are, bf16 rows converted once into `scratch` (n floats), so that the
+// kernels' hot loops see plain floats either way.
+template <typename T>
+inline const float* as_float_row(const T* src, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)n;
+    (void)scratch;
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) scratch[i] = to_float(src[i]);
+    return scratch;
+  }
 }
 
 }  // namespace omni_fast

@@ -65,19 +65,6 @@ void rms_norm_backward_reference(const RmsNormParams& p, const T* dy, const T* x
 // ---------------------------------------------------------------- fast path
 
 namespace detail {
-// Rows are converted to float32 once into a per-thread scratch row, so the hot loops see plain floats.
-template <typename T>
-inline const float* as_float_row(const T* src, int64_t n, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    (void)n;
-    (void)scratch;
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = to_float(src[i]);
-    return scratch;
-  }
-}
-
 inline float sum_squares(const float* v, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -95,7 +82,7 @@ void rms_norm_forward(const RmsNormParams& p, const T* x, const T* w, T* y) {
     for (int64_t c = 0; c < n; ++c) ws[c] = to_float(w[c]);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
-      const float* xr = detail::as_float_row(x + r * n, n, xs.data());
+      const float* xr = as_float_row(x + r * n, n, xs.data());
       const float rstd = 1.0f / std::sqrt(detail::sum_squares(xr, n) / float(n) + p.eps);
       T* yr = y + r * n;
       if constexpr (std::is_same_v<T, float>) {
@@ -122,8 +109,8 @@ void rms_norm_backward(const RmsNormParams& p, const T* dy, const T* x, const T*
     for (int64_t c = 0; c < n; ++c) ws[c] = to_float(w[c]);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
-      const float* xr = detail::as_float_row(x + r * n, n, xs.data());
-      const float* dyr = detail::as_float_row(dy + r * n, n, dys.data());
+      const float* xr = as_float_row(x + r * n, n, xs.data());
+      const float* dyr = as_float_row(dy + r * n, n, dys.data());
       const float rstd = 1.0f / std::sqrt(detail::sum_squares(xr, n) / float(n) + p.eps);
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)

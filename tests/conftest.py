@@ -9,9 +9,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from omni_fast.ops import dispatch
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+dispatch.configure_cpu_runtime()  # as `python -m omni_fast.train` runs: graph kernels launched in order
 ms.runtime.launch_blocking()
 
 

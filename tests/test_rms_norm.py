@@ -53,7 +53,10 @@ def test_kernel_fast_and_reference_match_numpy(shape, seed):
         # dx is a difference of two terms that cancel for short rows; bound the error by the terms' size.
         term = np.abs(w * dy / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + EPS)).max(initial=0)
         assert np.abs(dx - want_dx).max(initial=0) <= 2e-5 * term, "dx"
-        assert_rel_close(dw, want_dw, 2e-5, "dw")
+        # dw sums rows whose terms may cancel (e.g. 3 rows of 1 column); bound the error by the terms' size too.
+        r = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + EPS)
+        dw_terms = np.abs(dy * x * r).reshape(-1, shape[-1]).sum(0).max(initial=0)
+        assert np.abs(dw - want_dw).max(initial=0) <= 2e-5 * max(dw_terms, 1e-30), "dw"
 
 
 def test_kernel_rejects_bad_shapes():

@@ -21,8 +21,9 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import AudioConfig
-from omni_fast.model.layers import LayerNorm, Linear, gelu, new_parameter
-from omni_fast.ops import FlashAttention
+from omni_fast.model.layers import LayerNorm, Linear, new_parameter
+from omni_fast.ops.activation import Gelu
+from omni_fast.ops.attention import FlashAttention
 from omni_fast.ops.rope_index import audio_token_count
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, used by every norm of the tower
@@ -187,14 +188,15 @@ class AudioEncoderLayer(nn.Cell):
         super().__init__()
         d = cfg.d_model
         self.self_attn = AudioAttention(cfg, param_dtype, compute_dtype)
-        self.self_attn_layer_norm = LayerNorm(d, LAYER_NORM_EPS, param_dtype)
+        self.self_attn_layer_norm = LayerNorm(d, LAYER_NORM_EPS, param_dtype, compute_dtype)
         self.fc1 = Linear(d, cfg.encoder_ffn_dim, True, param_dtype, compute_dtype)
         self.fc2 = Linear(cfg.encoder_ffn_dim, d, True, param_dtype, compute_dtype)
-        self.final_layer_norm = LayerNorm(d, LAYER_NORM_EPS, param_dtype)
+        self.final_layer_norm = LayerNorm(d, LAYER_NORM_EPS, param_dtype, compute_dtype)
+        self.act = Gelu(compute_dtype)
 
     def construct(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
-        return x + self.fc2(gelu(self.fc1(self.final_layer_norm(x))))
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
 class AudioEncoder(nn.Cell):
@@ -209,11 +211,12 @@ class AudioEncoder(nn.Cell):
         self.compute_dtype = compute_dtype
         self.conv1 = Conv1dK3(cfg.num_mel_bins, d, param_dtype, compute_dtype)
         self.conv2 = Conv1dK3(d, d, param_dtype, compute_dtype)
+        self.act = Gelu(compute_dtype)
         self.audio_bos_eos_token = FrozenTable(2, cfg.output_dim, param_dtype)
         self.layers = nn.CellList(
             [AudioEncoderLayer(cfg, param_dtype, compute_dtype) for _ in range(cfg.encoder_layers)]
         )
-        self.ln_post = LayerNorm(d, LAYER_NORM_EPS, param_dtype)
+        self.ln_post = LayerNorm(d, LAYER_NORM_EPS, param_dtype, compute_dtype)
         self.proj = Linear(d, cfg.output_dim, True, param_dtype, compute_dtype)
         # Non-persistent constant (not a Parameter): recomputed, never saved or trained.
         self.positions = Tensor(sinusoid_table(cfg.max_source_positions, d))
@@ -249,14 +252,14 @@ class AudioEncoder(nn.Cell):
         frames = ops.cat((frames, ops.zeros((1, n_mels), cd)), 0)
         flat = (tap_audio * t_pad + tap_frame).reshape(-1)
         cols = ops.gather(frames, flat, 0).reshape(n_chunks, p, 3 * n_mels)
-        h = gelu(self.conv1(cols)) * mel_mask.astype(cd)
+        h = self.act(self.conv1(cols)) * mel_mask.astype(cd)
 
         # conv2 (k3, stride 2, pad 1): pad to 2 * p2 + 2 rows, pair rows up, and output j reads rows 2j, 2j+1, 2j+2.
         p2 = (p - 1) // 2 + 1
         h = ops.cat((ops.zeros((n_chunks, 1, d), cd), h, ops.zeros((n_chunks, 2 * p2 + 1 - p, d), cd)), 1)
         pairs = h.reshape(n_chunks, p2 + 1, 2 * d)
         cols = ops.cat((pairs[:, :p2], pairs[:, 1:, :d]), -1)
-        h = gelu(self.conv2(cols)) + self.positions[:p2].astype(cd)  # positions restart in every chunk
+        h = self.act(self.conv2(cols)) + self.positions[:p2].astype(cd)  # positions restart in every chunk
         return ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
 
     def back(self, x: Tensor, pool_index: Tensor) -> Tensor:

@@ -7,13 +7,12 @@ Only ops with CPU kernels in both PyNative and ``ms.jit`` are used here.
 
 from __future__ import annotations
 
-import math
-
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from omni_fast.ops import dispatch
+from omni_fast.ops.layer_norm import LayerNormOp
 from omni_fast.ops.rms_norm import RmsNorm
 
 
@@ -71,36 +70,13 @@ class RMSNorm(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm with affine weight and bias, composed (``mint`` LayerNorm has no CPU kernel in PyNative)."""
+    """LayerNorm with affine weight and bias over the last axis; the fused op is picked for the compute dtype."""
 
-    def __init__(self, dim: int, eps: float, param_dtype: ms.dtype):
+    def __init__(self, dim: int, eps: float, param_dtype: ms.dtype, compute_dtype: ms.dtype | None = None):
         super().__init__()
-        self.eps = eps
         self.weight = new_parameter((dim,), param_dtype, fill=1.0)
         self.bias = new_parameter((dim,), param_dtype)
+        self.norm = LayerNormOp(eps, compute_dtype or dispatch.compute_dtype(param_dtype))
 
     def construct(self, x: Tensor) -> Tensor:
-        mean = ops.mean(x, -1, keep_dims=True)
-        centered = x - mean
-        var = ops.mean(centered * centered, -1, keep_dims=True)
-        y = centered * ops.rsqrt(var + self.eps)
-        return y * self.weight.astype(x.dtype) + self.bias.astype(x.dtype)
-
-
-def gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU, as ``torch.nn.functional.gelu`` with its default approximation."""
-    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-def silu(x: Tensor) -> Tensor:
-    return x * ops.sigmoid(x)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """cat(-x2, x1) over the last axis (the half-split rotary convention)."""
-    half = x.shape[-1] // 2
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
+        return self.norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))

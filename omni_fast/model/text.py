@@ -7,8 +7,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import TextConfig
-from omni_fast.model.layers import Embedding, Linear, RMSNorm, apply_rotary, silu
-from omni_fast.ops import FlashAttention
+from omni_fast.model.layers import Embedding, Linear, RMSNorm
+from omni_fast.ops.activation import SwiGLU
+from omni_fast.ops.attention import FlashAttention
+from omni_fast.ops.rotary import Rotary
 
 
 def mrope_axis_per_frequency(mrope_section: list[int], head_dim: int) -> np.ndarray:
@@ -57,11 +59,12 @@ class TextAttention(nn.Cell):
         self.attention = FlashAttention(
             self.num_heads, self.scale, "TND", sparse_mode=2, dtype=compute_dtype, head_dim=self.head_dim
         )
+        self.rotary = Rotary(compute_dtype)
 
     def construct(self, x: Tensor, cos: Tensor, sin: Tensor, segment_ends: Tensor) -> Tensor:
         b, s, _ = x.shape
-        q = apply_rotary(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.rotary(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = self.rotary(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b * s, self.num_kv_heads, self.head_dim)
         shape_q, shape_kv = (b * s, self.num_heads, self.head_dim), (b * s, self.num_kv_heads, self.head_dim)
         out = self.attention(q.reshape(shape_q), k.reshape(shape_kv), v, segment_ends, segment_ends)
@@ -75,9 +78,10 @@ class TextMLP(nn.Cell):
         self.gate_proj = Linear(h, i, False, param_dtype, compute_dtype)
         self.up_proj = Linear(h, i, False, param_dtype, compute_dtype)
         self.down_proj = Linear(i, h, False, param_dtype, compute_dtype)
+        self.act = SwiGLU(compute_dtype)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Cell):

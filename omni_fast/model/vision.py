@@ -21,8 +21,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.config.model_config import VisionConfig
-from omni_fast.model.layers import Linear, RMSNorm, apply_rotary, gelu, new_parameter, silu
-from omni_fast.ops import FlashAttention
+from omni_fast.model.layers import Linear, RMSNorm, new_parameter
+from omni_fast.ops.activation import Gelu, SwiGLU
+from omni_fast.ops.attention import FlashAttention
+from omni_fast.ops.rotary import Rotary
 
 # transformers hard-codes these for the vision tower (not read from the config).
 _NORM_EPS = 1e-6
@@ -137,6 +139,7 @@ class VisionAttention(nn.Cell):
         self.v = Linear(dim, dim, True, param_dtype, compute_dtype)
         self.proj = Linear(dim, dim, True, param_dtype, compute_dtype)
         self.attention = FlashAttention(self.num_heads, self.scale, "TND", dtype=compute_dtype, head_dim=self.head_dim)
+        self.rotary = Rotary(ms.float32)
 
     def _heads(self, x: Tensor) -> Tensor:
         """[S, H*D] -> [S, H, D] (TND)."""
@@ -146,8 +149,8 @@ class VisionAttention(nn.Cell):
         s = x.shape[0]
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         # Rotary in float32 like transformers, then back to the compute dtype.
-        q = apply_rotary(q.astype(ms.float32), cos, sin).astype(x.dtype)
-        k = apply_rotary(k.astype(ms.float32), cos, sin).astype(x.dtype)
+        q = self.rotary(q.astype(ms.float32), cos, sin).astype(x.dtype)
+        k = self.rotary(k.astype(ms.float32), cos, sin).astype(x.dtype)
         out = self.attention(q, k, v, cu_seqlens, cu_seqlens)
         return self.proj(out.reshape(s, self.num_heads * self.head_dim))
 
@@ -160,9 +163,10 @@ class VisionMLP(nn.Cell):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, True, param_dtype, compute_dtype)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, True, param_dtype, compute_dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, True, param_dtype, compute_dtype)
+        self.act = SwiGLU(compute_dtype)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionBlock(nn.Cell):
@@ -178,13 +182,6 @@ class VisionBlock(nn.Cell):
         return x + self.mlp(self.norm2(x))
 
 
-class Gelu(nn.Cell):
-    """Parameter-free exact GELU, a Cell only so that the merger MLP keeps transformers' indices 0 and 2."""
-
-    def construct(self, x: Tensor) -> Tensor:
-        return gelu(x)
-
-
 class PatchMerger(nn.Cell):
     """RMSNorm, then each m x m merge unit (consecutive rows) concatenated and projected by a 2-layer MLP."""
 
@@ -194,7 +191,7 @@ class PatchMerger(nn.Cell):
         self.ln_q = RMSNorm(cfg.hidden_size, _NORM_EPS, param_dtype, compute_dtype)
         self.mlp = nn.SequentialCell(
             Linear(self.merged_dim, self.merged_dim, True, param_dtype, compute_dtype),
-            Gelu(),
+            Gelu(compute_dtype),
             Linear(self.merged_dim, cfg.out_hidden_size, True, param_dtype, compute_dtype),
         )
 

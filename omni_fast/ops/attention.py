@@ -33,7 +33,6 @@ from omni_fast.ops.reference import flash_attention_reference
 LAYOUTS = ("BNSD", "BSND", "BSH", "TND")
 _LAYOUT_CODES = {"BNSD": 0, "BSND": 1, "TND": 2, "BSH": 3}  # AttnInputLayout in kernels/attention.h
 SPARSE_MODES = (0, 2, 3)
-KERNEL_DTYPES = (ms.float32, ms.bfloat16)
 ASCEND_DTYPES = (ms.float16, ms.bfloat16)
 NO_BAND = 2147483647
 # Ascend takes causal masks (sparse_mode 2/3) as a compressed 2048 x 2048 upper-triangular bool mask.
@@ -51,13 +50,7 @@ def backend_reasons(dtype: ms.dtype, head_dim: int | None = None) -> dict:
             why.append(f"flash_attention_score needs head_dim a multiple of 16 up to 512, got {head_dim}")
         return why
 
-    def cpu_kernel() -> list[str]:
-        why = dispatch.needs_device("CPU")
-        if dtype not in KERNEL_DTYPES:
-            why.append(f"dtype {dtype} is not float32 or bfloat16")
-        return why + dispatch.kernels_built()
-
-    return {"ascend": ascend, "cpu_kernel": cpu_kernel, "reference": lambda: []}
+    return {"ascend": ascend, "cpu_kernel": lambda: dispatch.cpu_kernel_reasons(dtype), "reference": lambda: []}
 
 
 def explain(dtype: ms.dtype = ms.float32, head_dim: int | None = None) -> str:

@@ -25,6 +25,32 @@ def device_target() -> str:
     return ms.get_context("device_target")
 
 
+def ascend_available() -> bool:
+    """Whether this MindSpore build can use an Ascend NPU (``mindspore.hal``'s own check)."""
+    return bool(ms.hal.is_available("Ascend"))
+
+
+# MindSpore's graph runtime launches every ready kernel from a pool of actor threads, so independent kernels (the
+# dX and dW matmuls of a backward, q/k/v projections) run at the same time, each with its own threads. On a
+# machine with a few cores they then fight over them: a chain of MLP layers forward+backward under ms.jit ran at
+# 112-123 GFLOP/s this way and at 155-203 GFLOP/s with kernels launched in order from one host thread
+# (2-core EPYC VM, 1024 x 512 x 1536 matmuls; bench/RESULTS.md has the whole training step). MindSpore reads the
+# switch once, when its runtime starts.
+HOST_BLOCKING_RUN = "MS_DEV_HOST_BLOCKING_RUN"
+
+
+def configure_cpu_runtime() -> bool:
+    """Run graph kernels in order on CPU (see above) unless the user set ``MS_DEV_HOST_BLOCKING_RUN`` already.
+
+    Call before the first MindSpore graph runs; later it has no effect. Returns whether the switch is on. On an
+    Ascend machine nothing is changed (its kernels run on device streams, which this does not concern).
+    """
+    if ascend_available():
+        return os.environ.get(HOST_BLOCKING_RUN) == "1"
+    os.environ.setdefault(HOST_BLOCKING_RUN, "1")
+    return os.environ[HOST_BLOCKING_RUN] == "1"
+
+
 def compute_dtype(param_dtype: ms.dtype) -> ms.dtype:
     """bf16 weights compute in bf16 on Ascend; MindSpore's CPU build has no bf16 kernels, so there fp32."""
     if param_dtype == ms.bfloat16 and device_target() != "Ascend":
@@ -44,6 +70,28 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
+
+
+# What our C++ kernels take: float32, or bfloat16 storage computed in float32.
+KERNEL_DTYPES = (ms.float32, ms.bfloat16)
+
+
+def cpu_kernel_reasons(*dtypes: ms.dtype) -> list[str]:
+    """Why our C++ kernels cannot serve tensors of ``dtypes`` here: another device, another dtype, no build."""
+    why = needs_device("CPU")
+    others = sorted({str(d) for d in dtypes if d not in KERNEL_DTYPES})
+    if others:
+        why.append(f"dtype {', '.join(others)} is not float32 or bfloat16")
+    return why + kernels_built()
+
+
+def kernel_backend_reasons(*dtypes: ms.dtype) -> dict[str, Callable[[], list[str]]]:
+    """The reasons of an op whose Ascend backend takes any input and whose CPU kernel takes ``KERNEL_DTYPES``."""
+    return {
+        "ascend": lambda: needs_device("Ascend"),
+        "cpu_kernel": lambda: cpu_kernel_reasons(*dtypes),
+        "reference": lambda: [],
+    }
 
 
 def choose(op: str, reasons: dict[str, Callable[[], list[str]]]) -> str:

@@ -7,6 +7,8 @@ no kernel can serve an input. They use only ops that have CPU kernels in MindSpo
 
 from __future__ import annotations
 
+import math
+
 import mindspore as ms
 from mindspore import Tensor, ops
 
@@ -21,6 +23,59 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     variance = ops.mean(x32 * x32, -1, keep_dims=True)
     y = (x32 * ops.rsqrt(variance + eps)).astype(x.dtype)
     return weight.astype(y.dtype) * y
+
+
+def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """torch's LayerNorm over the last axis (biased variance), in float32, rounded once to ``x``'s dtype.
+
+    The composition of ``omni_fast.model.layers.LayerNorm``; the float32 casts are there because MindSpore has no
+    bfloat16 CPU kernels (for float32 inputs they are no-ops).
+    """
+    x32 = x.astype(ms.float32)
+    mean = ops.mean(x32, -1, keep_dims=True)
+    centered = x32 - mean
+    var = ops.mean(centered * centered, -1, keep_dims=True)
+    y = centered * ops.rsqrt(var + eps)
+    return (y * weight.astype(ms.float32) + bias.astype(ms.float32)).astype(x.dtype)
+
+
+def rotate_half_reference(x: Tensor) -> Tensor:
+    """cat(-x2, x1) over the last axis (the half-split rotary convention)."""
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def apply_rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` in float32, rounded once to ``x``'s dtype (``model.layers.apply_rotary``).
+
+    x is [..., N, D]; cos and sin are [..., 1, D] (broadcast over the N heads) or [..., D] with x's leading axes.
+    """
+    if cos.ndim == x.ndim - 1:
+        cos = cos.reshape(cos.shape[:-1] + (1, cos.shape[-1]))
+        sin = sin.reshape(sin.shape[:-1] + (1, sin.shape[-1]))
+    x32 = x.astype(ms.float32)
+    return (x32 * cos.astype(ms.float32) + rotate_half_reference(x32) * sin.astype(ms.float32)).astype(x.dtype)
+
+
+def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` with ``silu(x) = x * sigmoid(x)``: the gated MLP of ``omni_fast.model.layers``.
+
+    In float32, silu rounded to the inputs' dtype before the product and the product rounded again, as torch's
+    ``F.silu(gate) * up`` does in bfloat16 (two ops); for float32 inputs the casts are no-ops. MindSpore has no
+    bfloat16 CPU kernels, hence the casts.
+    """
+    g = gate.astype(ms.float32)
+    silu = (g * ops.sigmoid(g)).astype(gate.dtype).astype(ms.float32)
+    return (silu * up.astype(ms.float32)).astype(gate.dtype)
+
+
+def gelu_reference(x: Tensor) -> Tensor:
+    """Exact (erf) GELU, ``torch.nn.functional.gelu``'s default: ``0.5 x (1 + erf(x / sqrt 2))``.
+
+    In float32, rounded once to ``x``'s dtype (torch's bfloat16 ``F.gelu``); for float32 inputs the casts are no-ops.
+    """
+    x32 = x.astype(ms.float32)
+    return (0.5 * x32 * (1.0 + ops.erf(x32 * (1.0 / math.sqrt(2.0))))).astype(x.dtype)
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -119,8 +174,13 @@ def flash_attention_reference(
         seg_kv, j, len_kv = _segment_positions(actual_seq_kvlen, skv)
         same = seg_q.reshape(-1, 1) == seg_kv.reshape(1, -1)
         band = _band(
-            i.reshape(-1, 1), j.reshape(1, -1), len_q.reshape(-1, 1), len_kv.reshape(1, -1),
-            sparse_mode, pre_tokens, next_tokens,
+            i.reshape(-1, 1),
+            j.reshape(1, -1),
+            len_q.reshape(-1, 1),
+            len_kv.reshape(1, -1),
+            sparse_mode,
+            pre_tokens,
+            next_tokens,
         )
         allowed = ops.logical_and(same, band).reshape(1, 1, sq, skv)
     else:

@@ -12,19 +12,10 @@ from omni_fast.ops import dispatch
 from omni_fast.ops.library import aot_entry
 from omni_fast.ops.reference import rms_norm_reference
 
-KERNEL_DTYPES = (ms.float32, ms.bfloat16)
-
 
 def backend_reasons(dtype: ms.dtype) -> dict:
     """Why each backend cannot serve RMSNorm on inputs of ``dtype`` (empty list = it can)."""
-
-    def cpu_kernel() -> list[str]:
-        why = dispatch.needs_device("CPU")
-        if dtype not in KERNEL_DTYPES:
-            why.append(f"dtype {dtype} is not float32 or bfloat16")
-        return why + dispatch.kernels_built()
-
-    return {"ascend": lambda: dispatch.needs_device("Ascend"), "cpu_kernel": cpu_kernel, "reference": lambda: []}
+    return dispatch.kernel_backend_reasons(dtype)
 
 
 @functools.cache

@@ -25,7 +25,6 @@ from omni_fast.ops.reference import multimodal_scatter_reference
 IMAGE_TOKEN_ID = 151655
 VIDEO_TOKEN_ID = 151656
 AUDIO_TOKEN_ID = 151646
-KERNEL_DTYPES = (ms.float32, ms.bfloat16)
 ID_DTYPES = (ms.int32, ms.int64)
 
 
@@ -67,13 +66,7 @@ def backend_reasons(dtype: ms.dtype) -> dict:
         # MindSpore has no fused op for this; on an NPU the masked_scatter composition (the reference) serves.
         return ["no native fused scatter in MindSpore: on Ascend the reference composition serves"]
 
-    def cpu_kernel() -> list[str]:
-        why = dispatch.needs_device("CPU")
-        if dtype not in KERNEL_DTYPES:
-            why.append(f"dtype {dtype} is not float32 or bfloat16")
-        return why + dispatch.kernels_built()
-
-    return {"ascend": ascend, "cpu_kernel": cpu_kernel, "reference": lambda: []}
+    return {"ascend": ascend, "cpu_kernel": lambda: dispatch.cpu_kernel_reasons(dtype), "reference": lambda: []}
 
 
 @functools.cache

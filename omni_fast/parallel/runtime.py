@@ -23,6 +23,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, mint, ops
 
+from omni_fast.ops import dispatch
 from omni_fast.parallel.layout import PipelineLayout
 
 logger = logging.getLogger("omni_fast.parallel")
@@ -41,11 +42,6 @@ def launched_by_msrun() -> bool:
 def launched_world_size() -> int:
     """The number of workers msrun launched (``--worker_num``), known before communication starts; 1 otherwise."""
     return int(os.environ.get("MS_WORKER_NUM", "1")) if launched_by_msrun() else 1
-
-
-def ascend_available() -> bool:
-    """Whether this MindSpore build can use an Ascend NPU (``mindspore.hal``'s own check)."""
-    return bool(ms.hal.is_available("Ascend"))
 
 
 def patch_send_recv() -> None:
@@ -134,7 +130,7 @@ def join_cluster(layout: PipelineLayout) -> ParallelContext:
     scheduler process (its ``init()`` serves the cluster and exits)."""
     from mindspore.communication import GlobalComm, create_group, get_group_size, get_rank, init
 
-    device = "Ascend" if ascend_available() else "CPU"
+    device = "Ascend" if dispatch.ascend_available() else "CPU"
     ms.set_context(device_target=device)
     init()
     patch_send_recv()

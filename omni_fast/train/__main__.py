@@ -4,6 +4,7 @@ import logging
 import sys
 
 from omni_fast.config.train_config import parse_args
+from omni_fast.ops import dispatch
 from omni_fast.train.setup import build_trainer
 from omni_fast.train.trainer import TrainingStopped
 
@@ -11,6 +12,7 @@ from omni_fast.train.trainer import TrainingStopped
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
+    dispatch.configure_cpu_runtime()  # before any graph runs
     try:
         parsed = parse_args(
             argv
