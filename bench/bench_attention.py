@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 from harness import best_seconds, ms_sync, wait_for_quiet
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from omni_fast.ops.attention import FlashAttention, explain
 
@@ -95,7 +95,8 @@ COMPARE = {
 # lack of memory. PyNative frees each intermediate once used.
 REFERENCE_BUFFERS = {MS_REFERENCE: {"fwd": 4, "fwd+bwd": 8}, MS_REFERENCE_JIT: {"fwd": 8, "fwd+bwd": 12}}
 NOTE = (
-    "fwd+bwd is `ms.grad` of sum(out * dout) -> (dq, dk, dv) (torch: `torch.autograd.grad` with dout). Ours run "
+    "fwd+bwd is the vector-Jacobian product given dout -> (dq, dk, dv) (`GradOperation(sens_param=True)`; torch: "
+    "`torch.autograd.grad` with dout). Ours run "
     "both in PyNative (launch_blocking) and under ms.jit, and so does the reference. torch "
     "SDPA gets `is_causal=True, enable_gqa=True` for the LLM and the segments as a batch for TND. FLOPs: attended "
     "pairs only (causal half), backward = 2.5x forward. Memory = analytic working set beyond inputs and outputs "
@@ -156,22 +157,26 @@ def attention_op(case: Case, backend: str) -> FlashAttention:
 
 
 class Step(nn.Cell):
-    """One timed call: the forward, or d(sum(out * dout)) / d(q, k, v) (the backward given dout, plus the forward).
+    """One timed call: the forward, or the backward given dout (a vector-Jacobian product, with its forward).
 
-    ``construct(q, k, v, dout, cu_q, cu_kv)``; the cumulative ends are None for BNSD.
+    ``construct(q, k, v, dout, cu_q, cu_kv)``; the cumulative ends are None for BNSD. The backward is
+    ``GradOperation(sens_param=True)``, dout fed as the output's gradient, as torch's ``autograd.grad(out, .., dout)``:
+    differentiating ``sum(out * dout)`` instead would time MindSpore's multiply and reduction of the whole output too
+    (~85 ms of PyNative time on the vision case).
     """
 
     def __init__(self, op: FlashAttention, backward: bool):
         super().__init__()
         self.op = op
         self.backward = backward
+        self.vjp = ops.GradOperation(get_all=True, sens_param=True)
 
-    def loss(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu_q: Tensor, cu_kv: Tensor) -> Tensor:
-        return (self.op(q, k, v, cu_q, cu_kv) * dout).sum()
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_kv: Tensor) -> Tensor:
+        return self.op(q, k, v, cu_q, cu_kv)
 
     def construct(self, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, cu_q=None, cu_kv=None) -> tuple:
         if self.backward:
-            return ms.grad(self.loss, grad_position=(0, 1, 2))(q, k, v, dout, cu_q, cu_kv)
+            return self.vjp(self.forward)(q, k, v, cu_q, cu_kv, dout)[:3]
         return (self.op(q, k, v, cu_q, cu_kv),)
 
 
