@@ -459,13 +459,20 @@ inline void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, int
   }
 }
 
-// rows x d of a strided input -> transposed dense float [d][ld], columns >= rows zeroed.
+// rows x d of a strided input -> transposed dense float [d][ld], columns >= rows zeroed. In groups of kVec source
+// rows, so that each destination write is one contiguous run of kVec floats (a cache line) while the group's source
+// rows stay in L1; row by row, every source element went to a different destination line (measured: 16% of an
+// audio-chunk forward at D64 was this copy).
 template <typename T>
 inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t ld, float* dst) {
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, 0.f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * stride;
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = to_float(s[c]);
+  for (int64_t r0 = 0; r0 < rows; r0 += kVec) {
+    const int64_t nr = std::min(kVec, rows - r0);
+    const T* s = src + r0 * stride;
+    for (int64_t c = 0; c < d; ++c) {
+      float* o = dst + c * ld + r0;
+      for (int64_t i = 0; i < nr; ++i) o[i] = to_float(s[i * stride + c]);
+    }
   }
 }
 
