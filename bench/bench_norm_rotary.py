@@ -31,7 +31,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from harness import best_seconds, ms_sync, run_rounds
+from harness import best_seconds, ms_sync, run_rounds, to_numpy
 from mindspore import Tensor, nn, ops
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
@@ -302,19 +302,11 @@ def _rotary_callable(impl: str, direction: str, d: Inputs) -> Callable[[], tuple
     raise ValueError(impl)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.asnumpy()
-    if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
-    return np.asarray(value)
-
-
 def _check_close(got: tuple[Any, ...], want: tuple[Any, ...], impl: str) -> None:
     """Untimed sanity check: a benchmark of a wrong result is worthless (scale-aware, like tests' assert_rel_close)."""
     assert len(got) == len(want), f"{impl}: {len(got)} outputs, expected {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
-        a, b = _to_numpy(a).astype(np.float64), _to_numpy(b).astype(np.float64)
+        a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
         err, scale = np.abs(a - b).max(), np.abs(b).max()
         assert err <= 1e-4 * scale, f"{impl} output {i}: max abs err {err:.3e} vs scale {scale:.3e}"
 

@@ -28,7 +28,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from harness import best_seconds, ms_sync, wait_for_quiet
+from harness import best_seconds, ms_sync, to_numpy, wait_for_quiet
 from mindspore import Tensor
 
 from omni_fast.ops import multimodal_scatter
@@ -221,19 +221,11 @@ def _callable(impl: str, direction: str, d: Inputs) -> Callable[[], tuple[Any, .
     raise ValueError(impl)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.asnumpy()
-    if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
-    return np.asarray(value)
-
-
 def _check_equal(got: tuple[Any, ...], want: tuple[Any, ...], impl: str) -> None:
     """Untimed: a benchmark of a wrong result is worthless, and a copy has no round-off to excuse."""
     assert len(got) == len(want), impl
     for name, a, b in zip(("out", "d_embeds", "d_audio", "d_image", "d_video"), got, want):
-        assert np.array_equal(_to_numpy(a), _to_numpy(b)), f"{impl} {name} differs from the fast path"
+        assert np.array_equal(to_numpy(a), to_numpy(b)), f"{impl} {name} differs from the fast path"
 
 
 def _traffic_bytes(d: Inputs, direction: str) -> int:

@@ -111,6 +111,18 @@ def run_rounds(benchmark: Any, fn: Callable[[], Any], rounds: int, warmup_rounds
     return {"others' CPU while timed, %": 100 * quiet.others_fraction}
 
 
+def to_numpy(value: Any) -> np.ndarray:
+    """A MindSpore or torch tensor (or anything array-like) as numpy, for the untimed correctness checks."""
+    import mindspore as ms
+    import torch
+
+    if isinstance(value, ms.Tensor):
+        return value.asnumpy()
+    if isinstance(value, torch.Tensor):
+        return value.detach().numpy()
+    return np.asarray(value)
+
+
 def ms_sync(out: Any) -> Any:
     """Wait for MindSpore outputs. A jit call can return before its graph has run (launch_blocking covers
     PyNative ops only); ``asnumpy`` blocks until the tensor is ready and is a zero-copy view on CPU."""
