@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from bench_thinker import thinker_config_dict
-from harness import best_seconds, ms_sync, run_rounds
+from harness import MS_KERNEL, MS_KERNEL_JIT, SANDBOX_FAST, SANDBOX_SCALAR, best_seconds, ms_sync, run_rounds
 from mindspore import Parameter, Tensor, ops
 
 from omni_fast.config.model_config import ThinkerConfig
@@ -38,14 +38,10 @@ from omni_fast.train.optim import AdamW, global_grad_norm
 
 LR, WEIGHT_DECAY, BETA1, BETA2, EPS = 1e-3, 0.1, 0.9, 0.999, 1e-8
 
-MS_KERNEL_JIT = "MindSpore kernel (jit)"
-MS_KERNEL = "MindSpore kernel (PyNative)"
 MS_REFERENCE_JIT = "MindSpore reference (jit)"
 TORCH_FOREACH = "torch AdamW foreach"
 TORCH_FUSED = "torch AdamW fused"
 TORCH_NORM = "torch get_total_norm (foreach)"
-SANDBOX_FAST = "C++ fast path (numpy sandbox)"
-SANDBOX_SCALAR = "C++ scalar reference (numpy sandbox)"
 IMPLS = {
     "update": (MS_KERNEL_JIT, MS_KERNEL, MS_REFERENCE_JIT, TORCH_FOREACH, TORCH_FUSED, SANDBOX_FAST, SANDBOX_SCALAR),
     "grad norm": (MS_KERNEL_JIT, MS_REFERENCE_JIT, TORCH_NORM, SANDBOX_FAST, SANDBOX_SCALAR),

@@ -31,7 +31,17 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from harness import best_seconds, ms_sync, run_rounds, to_numpy
+from harness import (
+    MS_KERNEL,
+    MS_KERNEL_JIT,
+    SANDBOX_FAST,
+    SANDBOX_SCALAR,
+    best_seconds,
+    kernel_rows,
+    ms_sync,
+    run_rounds,
+    to_numpy,
+)
 from mindspore import Tensor, nn, ops
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
@@ -47,23 +57,10 @@ LN_SHAPES = {"audio 7B": (6000, 1280), "audio 21M": (4000, 256)}
 ROTARY_SHAPES = {"q 21M": (1, 1024, 8, 64), "q 7B": (1, 4096, 28, 128)}
 DIRECTIONS = ("fwd", "fwd+bwd")
 
-MS_KERNEL = "MindSpore kernel (PyNative)"
 MS_REFERENCE = "MindSpore composition (PyNative)"
-MS_KERNEL_JIT = "MindSpore kernel (jit)"
 MS_REFERENCE_JIT = "MindSpore composition (jit)"
 TORCH = "torch"
-SANDBOX_FAST = "C++ fast path (numpy sandbox)"
-SANDBOX_SCALAR = "C++ scalar reference (numpy sandbox)"
-IMPLS = (MS_KERNEL, MS_REFERENCE, MS_KERNEL_JIT, MS_REFERENCE_JIT, TORCH, SANDBOX_FAST, SANDBOX_SCALAR)
-
-COMPARE = {
-    MS_KERNEL: {"vs its reference": MS_REFERENCE, "vs torch (peer)": TORCH},
-    MS_KERNEL_JIT: {"vs its reference": MS_REFERENCE_JIT, "vs torch (peer)": TORCH},
-    MS_REFERENCE: {"vs torch (peer)": TORCH},
-    MS_REFERENCE_JIT: {"vs torch (peer)": TORCH},
-    SANDBOX_FAST: {"vs its reference": SANDBOX_SCALAR, "vs torch (peer)": TORCH},
-}
-HEADLINE = {MS_KERNEL, MS_KERNEL_JIT}
+IMPLS, COMPARE, HEADLINE = kernel_rows(MS_REFERENCE, MS_REFERENCE_JIT, TORCH)
 
 NOTE_COMMON = (
     "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "

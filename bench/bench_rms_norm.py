@@ -21,7 +21,16 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from harness import best_seconds, ms_sync, run_rounds
+from harness import (
+    MS_KERNEL,
+    MS_KERNEL_JIT,
+    SANDBOX_FAST,
+    SANDBOX_SCALAR,
+    best_seconds,
+    kernel_rows,
+    ms_sync,
+    run_rounds,
+)
 from mindspore import Tensor, nn
 
 from omni_fast.ops.library import host_module
@@ -32,23 +41,10 @@ EPS = 1e-6
 SHAPES = {"text": (4096, 3584), "vision": (16384, 1280)}  # 7B thinker hidden x 4k tokens; ViT hidden x 16k patches
 DIRECTIONS = ("fwd", "fwd+bwd")
 
-MS_KERNEL = "MindSpore kernel (PyNative)"
 MS_REFERENCE = "MindSpore reference (PyNative)"
-MS_KERNEL_JIT = "MindSpore kernel (jit)"
 MS_REFERENCE_JIT = "MindSpore reference (jit)"
 TORCH = "torch F.rms_norm"
-SANDBOX_FAST = "C++ fast path (numpy sandbox)"
-SANDBOX_SCALAR = "C++ scalar reference (numpy sandbox)"
-IMPLS = (MS_KERNEL, MS_REFERENCE, MS_KERNEL_JIT, MS_REFERENCE_JIT, TORCH, SANDBOX_FAST, SANDBOX_SCALAR)
-
-COMPARE = {
-    MS_KERNEL: {"vs its reference": MS_REFERENCE, "vs torch (peer)": TORCH},
-    MS_KERNEL_JIT: {"vs its reference": MS_REFERENCE_JIT, "vs torch (peer)": TORCH},
-    MS_REFERENCE: {"vs torch (peer)": TORCH},
-    MS_REFERENCE_JIT: {"vs torch (peer)": TORCH},
-    SANDBOX_FAST: {"vs its reference": SANDBOX_SCALAR, "vs torch (peer)": TORCH},
-}
-HEADLINE = {MS_KERNEL, MS_KERNEL_JIT}
+IMPLS, COMPARE, HEADLINE = kernel_rows(MS_REFERENCE, MS_REFERENCE_JIT, TORCH)
 
 NOTE = (
     "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "

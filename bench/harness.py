@@ -17,6 +17,26 @@ from typing import Any
 
 import numpy as np
 
+# Row labels shared by the kernel benchmarks: our op through MindSpore (PyNative and jit), and the C++ sandbox.
+MS_KERNEL = "MindSpore kernel (PyNative)"
+MS_KERNEL_JIT = "MindSpore kernel (jit)"
+SANDBOX_FAST = "C++ fast path (numpy sandbox)"
+SANDBOX_SCALAR = "C++ scalar reference (numpy sandbox)"
+
+
+def kernel_rows(reference: str, reference_jit: str, torch: str) -> tuple[tuple[str, ...], dict, set[str]]:
+    """(rows, ratio columns per row, headline rows) of a kernel benchmark timing our op, its MindSpore reference (each
+    in PyNative and under jit), the torch peer and the sandbox's fast path and scalar reference."""
+    rows = (MS_KERNEL, reference, MS_KERNEL_JIT, reference_jit, torch, SANDBOX_FAST, SANDBOX_SCALAR)
+    compare = {
+        MS_KERNEL: {"vs its reference": reference, "vs torch (peer)": torch},
+        MS_KERNEL_JIT: {"vs its reference": reference_jit, "vs torch (peer)": torch},
+        reference: {"vs torch (peer)": torch},
+        reference_jit: {"vs torch (peer)": torch},
+        SANDBOX_FAST: {"vs its reference": SANDBOX_SCALAR, "vs torch (peer)": torch},
+    }
+    return rows, compare, {MS_KERNEL, MS_KERNEL_JIT}
+
 
 def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Minimum wall time of ``fn()`` over ``repeats`` calls (the machine is shared: the minimum is the signal)."""

@@ -34,17 +34,17 @@ def explain(dtypes: Sequence[ms.dtype] = (ms.float32,)) -> str:
     return dispatch.explain(backend_reasons(dtypes))
 
 
+def _scalar_output_op(entry: str) -> ops.Custom:
+    """An aot op over any number of tensors whose one output is a float32 [1]."""
+    return ops.Custom(
+        aot_entry(entry), out_shape=lambda *shapes: [1], out_dtype=lambda *dtypes: ms.float32, func_type="aot"
+    )
+
+
 @functools.cache
 def update_op() -> ops.Custom:
     """``AdamWUpdate(grads..., weights..., exp_avg..., exp_avg_sq..., low..., decay, hyper) -> [1]``, in place."""
-
-    def out_shape(*shapes):
-        return [1]
-
-    def out_dtype(*dtypes):
-        return ms.float32
-
-    op = ops.Custom(aot_entry("AdamWUpdate"), out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    op = _scalar_output_op("AdamWUpdate")
     op.add_prim_attr("side_effect_mem", True)
     return op
 
@@ -52,14 +52,7 @@ def update_op() -> ops.Custom:
 @functools.cache
 def squared_sum_op() -> ops.Custom:
     """``GradSquaredSum(grads...) -> [1]`` float32, accumulated in double."""
-
-    def out_shape(*shapes):
-        return [1]
-
-    def out_dtype(*dtypes):
-        return ms.float32
-
-    return ops.Custom(aot_entry("GradSquaredSum"), out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return _scalar_output_op("GradSquaredSum")
 
 
 def hyper_constants(beta1: float, beta2: float, eps: float) -> Tensor:
