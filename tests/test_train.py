@@ -269,3 +269,33 @@ def test_recompute_keys_mark_layers_and_keep_gradients():
         assert_rel_close(a, b, 1e-5)
     with pytest.raises(ValueError, match="recompute_granularity 'layer'"):
         apply_recompute(trainer.model, {"audio_encoder": {"recompute_granularity": "layer"}})
+
+
+def test_garbage_collection_runs_between_steps_on_schedule(monkeypatch):
+    """--gc-interval: automatic collection is off during training, young generations are collected every N steps
+    (never inside a step), and the interpreter's setting is restored afterwards; 0 leaves collection automatic."""
+    import gc
+
+    trainer = make_trainer(micro_batch_size=2, global_batch_size=2, train_iters=5, gc_interval=2)
+    events: list = []
+    real_collect, real_step = gc.collect, trainer.train_step
+    monkeypatch.setattr(gc, "collect", lambda generation=2: events.append(("collect", generation)) or 0)
+
+    def step():
+        events.append(("step", gc.isenabled()))
+        return real_step()
+
+    trainer.train_step = step
+    assert gc.isenabled()
+    trainer.train()
+    assert gc.isenabled()
+    # a full collection before the loop, then generation 1 before steps 1, 3 and 5; every step ran with gc off
+    assert events == [("collect", 2), ("collect", 1), ("step", False), ("step", False), ("collect", 1),
+                      ("step", False), ("step", False), ("collect", 1), ("step", False)]  # fmt: skip
+    events.clear()
+    trainer.config.gc_interval, trainer.config.train_iters = 0, 6
+    trainer.train()
+    assert events == [("step", True)]
+    monkeypatch.setattr(gc, "collect", real_collect)
+    with pytest.raises(ValueError, match="--gc-interval: must be >= 0"):
+        parse_args(["--gc-interval", "-1"])

@@ -71,6 +71,11 @@ class TrainConfig:
         "on a NaN/inf loss or gradient: 'skip' the update (logged with the batch's sample ids) or 'stop'",
         default="skip",
     )
+    gc_interval: int = _flag(
+        "Python's cyclic garbage collector runs every N steps (young generations only) instead of at random points "
+        "inside steps, as torchtitan does; 0 leaves it automatic",
+        default=50,
+    )
     # ---- parallelism and kernels
     tensor_model_parallel_size: int = _flag("tensor parallel size (only 1 is supported)", default=1)
     pipeline_model_parallel_size: int = _flag("pipeline stages", default=1)
@@ -123,6 +128,8 @@ class TrainConfig:
             bad("weight-decay", "must be >= 0")
         if self.clip_grad < 0:
             bad("clip-grad", "must be >= 0 (0 disables clipping)")
+        if self.gc_interval < 0:
+            bad("gc-interval", f"must be >= 0 (0: automatic collection), got {self.gc_interval}")
         if self.nan_policy not in NAN_POLICIES:
             bad("nan-policy", f"{self.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
         if self.tensor_model_parallel_size != 1:
