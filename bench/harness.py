@@ -50,6 +50,19 @@ def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return best
 
 
+def alternating_minima(fn_a: Callable[[], Any], fn_b: Callable[[], Any], rounds: int) -> tuple[float, float]:
+    """Minimum wall times of ``fn_a()`` and ``fn_b()`` called alternately, ``rounds`` calls each.
+
+    This VM's speed changes by up to ~25% for minutes at a time (other tenants of the host: the same C++ attention
+    loop measured 9.6 and 12.5 ms in back-to-back processes). Rows timed one after the other can land in different
+    phases; alternating calls put both sides in the same ones, so their ratio is the robust comparison."""
+    best_a = best_b = float("inf")
+    for _ in range(rounds):
+        best_a = min(best_a, best_seconds(fn_a, repeats=1, warmup=0))
+        best_b = min(best_b, best_seconds(fn_b, repeats=1, warmup=0))
+    return best_a, best_b
+
+
 def _cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies over all CPUs since boot, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
