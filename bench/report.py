@@ -92,6 +92,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _speedups(info: dict[str, Any]) -> list[tuple[str, float]]:
+    """The row's ratios from the run's minima, then those the benchmark measured itself (``details`` keys starting
+    with "vs ", e.g. alternating calls of both implementations)."""
+    measured = [(k, v) for k, v in info.get("details", {}).items() if k.startswith("vs ") and isinstance(v, float)]
+    return list(info["ratios"].items()) + measured
+
+
 def _machine_lines(doc: dict[str, Any]) -> list[str]:
     extra = doc.get("omni_fast", {})
     m = extra.get("machine", {})
@@ -191,7 +198,10 @@ def render(doc: dict[str, Any]) -> str:
         "also waits up to 2 s for a quiet moment); near 0 = a clean number. *CPU busy before, %*: how busy they "
         "were when the rounds started.",
         "- A **speed-up column** is (min time of the named implementation) / (min time of this row), both from this "
-        "run; above 1 means this row is faster.",
+        "run; above 1 means this row is faster. A *..., alternating calls/rounds* ratio comes from the two "
+        "implementations timed in alternation right after the row (minimum of each): this VM's speed shifts by up to "
+        "~25% for minutes at a time, so rows timed minutes apart can compare different machine states; the "
+        "alternating ratio cannot.",
         "- Memory-bound ops are reported in **GB/s** of compulsory traffic (each input read once, each output "
         "written once) and as a fraction of the copy bandwidth above; compute-bound runs as a fraction of the GEMM "
         "peak above.",
@@ -202,7 +212,7 @@ def render(doc: dict[str, Any]) -> str:
         out += ["## Headline ratios", ""]
         rows = [
             [b["group"], b["extra_info"]["impl"], _num(b["stats"]["min"] * 1e3)]
-            + ["; ".join(f"{label} {_ratio(v)}" for label, v in b["extra_info"]["ratios"].items())]
+            + ["; ".join(f"{label} {_ratio(v)}" for label, v in _speedups(b["extra_info"]))]
             for b in headline
         ]
         out += _table(["case", "implementation", "min ms", "speed-up"], rows) + [""]
