@@ -32,8 +32,9 @@ from mindspore import Parameter, Tensor, ops
 
 from omni_fast.config.model_config import ThinkerConfig
 from omni_fast.model import Qwen2_5OmniThinker
-from omni_fast.ops.adamw import GradSquaredSum, explain, grad_squared_sum_reference
+from omni_fast.ops.adamw import GradSquaredSum, explain
 from omni_fast.ops.library import host_module
+from omni_fast.ops.reference import grad_squared_sum_reference
 from omni_fast.train.optim import AdamW, global_grad_norm
 
 LR, WEIGHT_DECAY, BETA1, BETA2, EPS = 1e-3, 0.1, 0.9, 0.999, 1e-8

@@ -22,6 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
 from omni_fast.ops.library import aot_entry
+from omni_fast.ops.reference import grad_squared_sum_reference
 
 
 def backend_reasons(dtypes: Sequence[ms.dtype]) -> dict:
@@ -64,15 +65,6 @@ def hyper_constants(beta1: float, beta2: float, eps: float) -> Tensor:
 def hyper(lr_wd: Tensor, step_size: Tensor, bc2_sqrt: Tensor, grad_scale: Tensor, constants: Tensor) -> Tensor:
     """The update op's hyper tensor [8] from the step's scalar tensors (inside the graph: no host round trip)."""
     return ops.concat((ops.stack((lr_wd, step_size, bc2_sqrt, grad_scale)), constants))
-
-
-def grad_squared_sum_reference(grads: tuple) -> Tensor:
-    """The composition: per-tensor float32 sums of squares, added up in float32."""
-    total = ops.zeros((), ms.float32)
-    for g in grads:
-        g32 = g.astype(ms.float32)
-        total = total + (g32 * g32).sum()
-    return total
 
 
 class GradSquaredSum(nn.Cell):

@@ -209,3 +209,12 @@ def multimodal_scatter_reference(
         mask = ops.broadcast_to(mask, inputs_embeds.shape)
         inputs_embeds = inputs_embeds.masked_scatter(mask, feats.astype(inputs_embeds.dtype).reshape(-1, hidden))
     return inputs_embeds
+
+
+def grad_squared_sum_reference(grads: tuple) -> Tensor:
+    """The composition: per-tensor float32 sums of squares, added up in float32."""
+    total = ops.zeros((), ms.float32)
+    for g in grads:
+        g32 = g.astype(ms.float32)
+        total = total + (g32 * g32).sum()
+    return total
