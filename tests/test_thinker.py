@@ -188,3 +188,17 @@ def test_placeholder_count_mismatch_raises(models):
     inputs["pixel_values"] = inputs["pixel_values"][: 20 * 24]
     with pytest.raises(ValueError, match="image: input_ids hold 140 placeholder tokens"):
         ours(**inputs)
+
+
+def test_attention_mask_with_a_hole_is_rejected(models):
+    """The text attention needs each row's tokens in one run; a mask with a hole would otherwise be attended as if
+    the hole were tokens. Left/right padding and fully padded rows pass."""
+    _, ours = models
+    ids = np.full((3, 8), 5, np.int64)
+    ok = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0], [0] * 8])
+    ours.prepare_batch(ids, ok)
+    holed = ok.copy()
+    holed[1] = [1, 1, 0, 1, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match=r"attention_mask row 1 has 3 separate runs of tokens \(starting at "
+                                         r"positions \[0, 3, 6\]\)"):  # fmt: skip
+        ours.prepare_batch(ids, holed)

@@ -90,6 +90,20 @@ def _to_numpy(value: Any, dtype: Any | None = None) -> np.ndarray | None:
     return array.astype(dtype) if dtype is not None else array
 
 
+def _check_contiguous_rows(mask: np.ndarray) -> None:
+    """The text attention runs each row as (padding, tokens, padding) segments: a row's tokens must be one run."""
+    valid = mask > 0
+    starts = valid & ~np.pad(valid, ((0, 0), (1, 0)))[:, :-1]  # a token whose left neighbour is padding
+    runs = starts.sum(1)
+    if (runs > 1).any():
+        row = int(np.argmax(runs > 1))
+        where = np.flatnonzero(starts[row]).tolist()
+        raise ValueError(
+            f"attention_mask row {row} has {int(runs[row])} separate runs of tokens (starting at positions {where}): "
+            "each row's tokens must be contiguous (left, right or no padding), as omni_fast's collator pads them"
+        )
+
+
 class Qwen2_5OmniThinker(nn.Cell):
     """``Qwen2_5OmniThinkerForConditionalGeneration`` for training: parameter names match its state dict."""
 
@@ -160,6 +174,7 @@ class Qwen2_5OmniThinker(nn.Cell):
         mask = np.ones_like(ids) if attention_mask is None else _to_numpy(attention_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        _check_contiguous_rows(mask)
 
         image = video = audio = None
         image_grid = _to_numpy(image_grid_thw, np.int64)
