@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_op
 from omni_fast.ops.reference import gelu_reference, swiglu_reference
 
 DTYPES = (ms.float32, ms.bfloat16, ms.float16)  # what the faces accept; float16 runs the composition
@@ -28,44 +28,22 @@ def backend_reasons(dtype: ms.dtype) -> dict:
 
 @functools.cache
 def _swiglu_op() -> ops.Custom:
-    backward = ops.Custom(
-        aot_entry("SwiGluBackward"),
-        out_shape=lambda dout, gate, up: (gate, up),
-        out_dtype=lambda dout, gate, up: (gate, up),
-        func_type="aot",
-    )
+    backward = aot_op("SwiGluBackward", lambda dout, gate, up: (gate, up))
 
     def bprop(gate, up, out, dout):
         return backward(dout, gate, up)
 
-    return ops.Custom(
-        aot_entry("SwiGluForward"),
-        out_shape=lambda gate, up: gate,
-        out_dtype=lambda gate, up: gate,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("SwiGluForward", lambda gate, up: gate, bprop)
 
 
 @functools.cache
 def _gelu_op() -> ops.Custom:
-    backward = ops.Custom(
-        aot_entry("GeluBackward"),
-        out_shape=lambda dout, x: x,
-        out_dtype=lambda dout, x: x,
-        func_type="aot",
-    )
+    backward = aot_op("GeluBackward", lambda dout, x: x)
 
     def bprop(x, out, dout):
         return (backward(dout, x),)
 
-    return ops.Custom(
-        aot_entry("GeluForward"),
-        out_shape=lambda x: x,
-        out_dtype=lambda x: x,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("GeluForward", lambda x: x, bprop)
 
 
 class SwiGLU(nn.Cell):

@@ -27,7 +27,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_entry, aot_op
 from omni_fast.ops.reference import flash_attention_reference
 
 LAYOUTS = ("BNSD", "BSND", "BSH", "TND")
@@ -79,12 +79,7 @@ def _kernel_ops(layout_code: int, head_num: int) -> ops.Custom:
             return [q[0], q[1], head_num]
         return list(q[:-1])
 
-    backward = ops.Custom(
-        aot_entry("FlashAttentionBackward"),
-        out_shape=lambda do, q, k, v, o, lse, cq, ckv, m, meta, s: (q, k, v),
-        out_dtype=lambda do, q, k, v, o, lse, cq, ckv, m, meta, s: (q, k, v),
-        func_type="aot",
-    )
+    backward = aot_op("FlashAttentionBackward", lambda do, q, k, v, o, lse, cq, ckv, m, meta, s: (q, k, v))
 
     def bprop(q, k, v, cu_q, cu_kv, mask, meta, scale, out, dout):
         dq, dk, dv = backward(dout[0], q, k, v, out[0], out[1], cu_q, cu_kv, mask, meta, scale)

@@ -15,7 +15,7 @@ import numpy as np
 from mindspore import Tensor, mint, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_op
 from omni_fast.ops.reference import layer_norm_reference
 
 
@@ -26,24 +26,13 @@ def backend_reasons(dtype: ms.dtype) -> dict:
 
 @functools.cache
 def _kernel_ops() -> ops.Custom:
-    backward = ops.Custom(
-        aot_entry("LayerNormBackward"),
-        out_shape=lambda dy, x, w, eps: (x, w, w),
-        out_dtype=lambda dy, x, w, eps: (x, w, w),
-        func_type="aot",
-    )
+    backward = aot_op("LayerNormBackward", lambda dy, x, w, eps: (x, w, w))
 
     def bprop(x, w, b, eps, out, dout):
         dx, dw, db = backward(dout, x, w, eps)
         return dx, dw, db, ops.zeros_like(eps)
 
-    return ops.Custom(
-        aot_entry("LayerNormForward"),
-        out_shape=lambda x, w, b, eps: x,
-        out_dtype=lambda x, w, b, eps: x,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("LayerNormForward", lambda x, w, b, eps: x, bprop)
 
 
 class LayerNormOp(nn.Cell):

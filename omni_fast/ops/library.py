@@ -7,8 +7,11 @@ from the current directory, because ``ops.Custom(func_type="aot")`` needs an abs
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+
+from mindspore import ops
 
 KERNELS_LIBRARY = "libomni_fast_kernels.so"
 
@@ -39,3 +42,10 @@ def kernels_library() -> Path:
 def aot_entry(function: str) -> str:
     """The ``ops.Custom`` func string for an entry point of the kernels library."""
     return f"{kernels_library()}:{function}"
+
+
+def aot_op(function: str, like: Callable, bprop: Callable | None = None) -> ops.Custom:
+    """An aot custom op on an entry point of the kernels library whose outputs are shaped and typed like some of its
+    inputs: ``like`` maps the inputs to those outputs, and MindSpore calls it once with the input shapes (giving the
+    output shapes) and once with the input dtypes (giving the output dtypes)."""
+    return ops.Custom(aot_entry(function), out_shape=like, out_dtype=like, func_type="aot", bprop=bprop)

@@ -28,8 +28,8 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """torch's LayerNorm over the last axis (biased variance), in float32, rounded once to ``x``'s dtype.
 
-    The composition of ``omni_fast.model.layers.LayerNorm``; the float32 casts are there because MindSpore has no
-    bfloat16 CPU kernels (for float32 inputs they are no-ops).
+    What ``omni_fast.model.layers.LayerNorm`` computes when no kernel serves; the float32 casts are there because
+    MindSpore has no bfloat16 CPU kernels (for float32 inputs they are no-ops).
     """
     x32 = x.astype(ms.float32)
     mean = ops.mean(x32, -1, keep_dims=True)
@@ -46,7 +46,7 @@ def rotate_half_reference(x: Tensor) -> Tensor:
 
 
 def apply_rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` in float32, rounded once to ``x``'s dtype (``model.layers.apply_rotary``).
+    """``x * cos + rotate_half(x) * sin`` in float32, rounded once to ``x``'s dtype (as transformers' rotary).
 
     x is [..., N, D]; cos and sin are [..., 1, D] (broadcast over the N heads) or [..., D] with x's leading axes.
     """

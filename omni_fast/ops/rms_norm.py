@@ -9,7 +9,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_op
 from omni_fast.ops.reference import rms_norm_reference
 
 
@@ -20,24 +20,13 @@ def backend_reasons(dtype: ms.dtype) -> dict:
 
 @functools.cache
 def _kernel_ops() -> ops.Custom:
-    backward = ops.Custom(
-        aot_entry("RmsNormBackward"),
-        out_shape=lambda dy, x, w, eps: (x, w),
-        out_dtype=lambda dy, x, w, eps: (x, w),
-        func_type="aot",
-    )
+    backward = aot_op("RmsNormBackward", lambda dy, x, w, eps: (x, w))
 
     def bprop(x, w, eps, out, dout):
         dx, dw = backward(dout, x, w, eps)
         return dx, dw, ops.zeros_like(eps)
 
-    return ops.Custom(
-        aot_entry("RmsNormForward"),
-        out_shape=lambda x, w, eps: x,
-        out_dtype=lambda x, w, eps: x,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("RmsNormForward", lambda x, w, eps: x, bprop)
 
 
 class RmsNorm(nn.Cell):

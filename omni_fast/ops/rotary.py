@@ -17,7 +17,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_op
 from omni_fast.ops.reference import apply_rotary_reference
 
 
@@ -28,12 +28,7 @@ def backend_reasons(dtype: ms.dtype) -> dict:
 
 @functools.cache
 def _kernel_ops() -> ops.Custom:
-    backward = ops.Custom(
-        aot_entry("RotaryBackward"),
-        out_shape=lambda dy, cos, sin: dy,
-        out_dtype=lambda dy, cos, sin: dy,
-        func_type="aot",
-    )
+    backward = aot_op("RotaryBackward", lambda dy, cos, sin: dy)
 
     def bprop(x, cos, sin, out, dout):
         # cos and sin are functions of the positions only: no gradient flows into them. The zeros are made in float32
@@ -41,13 +36,7 @@ def _kernel_ops() -> ops.Custom:
         zeros = ops.zeros(cos.shape, ms.float32).astype(cos.dtype)
         return backward(dout, cos, sin), zeros, zeros
 
-    return ops.Custom(
-        aot_entry("RotaryForward"),
-        out_shape=lambda x, cos, sin: x,
-        out_dtype=lambda x, cos, sin: x,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("RotaryForward", lambda x, cos, sin: x, bprop)
 
 
 class Rotary(nn.Cell):

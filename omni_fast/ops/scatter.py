@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from omni_fast.ops import dispatch
-from omni_fast.ops.library import aot_entry
+from omni_fast.ops.library import aot_op
 from omni_fast.ops.reference import multimodal_scatter_reference
 
 IMAGE_TOKEN_ID = 151655
@@ -74,7 +74,7 @@ def _kernel_op() -> ops.Custom:
     def shapes(d, ids, token_ids, audio, image, video):
         return d, audio, image, video
 
-    backward = ops.Custom(aot_entry("MultimodalScatterBackward"), out_shape=shapes, out_dtype=shapes, func_type="aot")
+    backward = aot_op("MultimodalScatterBackward", shapes)
 
     def bprop(embeds, ids, token_ids, audio, image, video, out, dout):
         d_embeds, d_audio, d_image, d_video = backward(dout, ids, token_ids, audio, image, video)
@@ -83,13 +83,7 @@ def _kernel_op() -> ops.Custom:
     def forward_shape(embeds, ids, token_ids, audio, image, video):
         return embeds
 
-    return ops.Custom(
-        aot_entry("MultimodalScatterForward"),
-        out_shape=forward_shape,
-        out_dtype=forward_shape,
-        func_type="aot",
-        bprop=bprop,
-    )
+    return aot_op("MultimodalScatterForward", forward_shape, bprop)
 
 
 def check_inputs(inputs_embeds: Tensor, input_ids: Tensor, features: tuple) -> None:
