@@ -32,15 +32,15 @@ import numpy as np
 import pytest
 import torch
 from harness import (
+    KERNEL_METHOD_NOTE,
     MS_KERNEL,
     MS_KERNEL_JIT,
     SANDBOX_FAST,
     SANDBOX_SCALAR,
-    best_seconds,
+    check_close,
     kernel_rows,
     ms_sync,
-    run_rounds,
-    to_numpy,
+    run_budgeted,
 )
 from mindspore import Tensor, nn
 
@@ -59,16 +59,10 @@ MS_REFERENCE_JIT = "MindSpore composition (jit)"
 TORCH = "torch"
 IMPLS, COMPARE, HEADLINE = kernel_rows(MS_REFERENCE, MS_REFERENCE_JIT, TORCH)
 
-NOTE = (
-    "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "
-    "fwd+bwd is `ms.vjp` returning the output and the input gradients for a given cotangent (the output is returned "
-    "so that jit cannot drop the forward), `torch.autograd.grad` for torch. torch is `F.silu(gate) * up` and "
-    "`F.gelu(x)` (exact erf). The sandbox calls `omni_fast._C.<op>_forward/backward` on numpy arrays: fast path with "
-    "OpenMP (2 threads), scalar reference (double math) single-threaded; it allocates fresh outputs per call, as torch "
-    "does, while MindSpore reuses its memory pool. Compulsory traffic in float32 elements (N per tensor): SwiGLU fwd "
-    "reads gate, up and writes out (3N), fwd+bwd adds reading dout, gate, up and writing both gradients (8N in all); "
-    "GELU fwd 2N, fwd+bwd 5N. Before timing, every row's outputs are checked against the fast path (relative 1e-4), "
-    "untimed."
+NOTE = KERNEL_METHOD_NOTE + (
+    "torch is `F.silu(gate) * up` and `F.gelu(x)` (exact erf); the sandbox's scalar reference does double math. "
+    "Compulsory traffic in float32 elements (N per tensor): SwiGLU fwd reads gate, up and writes out (3N), fwd+bwd "
+    "adds reading dout, gate, up and writing both gradients (8N in all); GELU fwd 2N, fwd+bwd 5N."
 )
 
 
@@ -222,15 +216,6 @@ def _callable(op: str, impl: str, direction: str, d: Inputs) -> Callable[[], tup
     raise ValueError(impl)
 
 
-def _check_close(got: tuple[Any, ...], want: tuple[Any, ...], impl: str) -> None:
-    """Untimed sanity check: a benchmark of a wrong result is worthless (scale-aware, like tests' assert_rel_close)."""
-    assert len(got) == len(want), f"{impl}: {len(got)} outputs, expected {len(want)}"
-    for i, (a, b) in enumerate(zip(got, want)):
-        a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-        err, scale = np.abs(a - b).max(), np.abs(b).max()
-        assert err <= 1e-4 * scale, f"{impl} output {i}: max abs err {err:.3e} vs scale {scale:.3e}"
-
-
 def _traffic_bytes(op: str, shape: tuple[int, int], direction: str) -> int:
     elements = shape[0] * shape[1]
     per_element = {("swiglu", "fwd"): 3, ("swiglu", "fwd+bwd"): 8, ("gelu", "fwd"): 2, ("gelu", "fwd+bwd"): 5}
@@ -250,12 +235,9 @@ def test_activation(
     fn = _callable(op, impl, direction, d)
 
     want = _callable(op, SANDBOX_FAST, direction, d)()
-    _check_close(fn(), want, impl)  # first call: compiles the jit rows
+    check_close(fn(), want, impl)  # first call: compiles the jit rows
     del want  # up to three 42 MB arrays that the timed rounds do not need
-    per_call = best_seconds(fn, repeats=1, warmup=0)
-    # A budget of about 1.5 s per row, between 3 and 15 rounds: the slow references get few, the kernels many.
-    rounds = int(min(15, max(3, 1.5 // max(per_call, 1e-3))))
-    noise = run_rounds(benchmark, fn, rounds, warmup_rounds=1)
+    noise = run_budgeted(benchmark, fn)
     # GB/s and the ratios are derived from the minima when the JSON is written (conftest -> report.add_derived).
     benchmark.extra_info.update(
         section="Activations: SwiGLU and GELU (memory-bound: GB/s, not a fraction of the GEMM peak)",

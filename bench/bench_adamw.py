@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from bench_thinker import thinker_config_dict
-from harness import MS_KERNEL, MS_KERNEL_JIT, SANDBOX_FAST, SANDBOX_SCALAR, best_seconds, ms_sync, run_rounds
+from harness import MS_KERNEL, MS_KERNEL_JIT, SANDBOX_FAST, SANDBOX_SCALAR, check_close, ms_sync, run_budgeted
 from mindspore import Parameter, Tensor, ops
 
 from omni_fast.config.model_config import ThinkerConfig
@@ -194,13 +194,6 @@ def norm_callable(impl: str, case: Case) -> Callable[[], float]:
     raise ValueError(impl)
 
 
-def _check_close(got: list[np.ndarray], want: list[np.ndarray], impl: str) -> None:
-    """Untimed sanity check: a benchmark of a wrong result is worthless."""
-    for i, (a, b) in enumerate(zip(got, want)):
-        err, scale = np.abs(a.astype(np.float64) - b).max(initial=0.0), np.abs(b).max(initial=0.0)
-        assert err <= 1e-5 * scale, f"{impl} tensor {i}: max abs err {err:.3e} vs scale {scale:.3e}"
-
-
 @pytest.mark.parametrize(
     ("what", "impl"), [(what, impl) for what, impls in IMPLS.items() for impl in impls], ids=lambda v: v
 )
@@ -211,17 +204,14 @@ def test_adamw(benchmark: Any, case: Case, what: str, impl: str) -> None:
     if what == "update":
         fn, weights = update_callable(impl, case)
         fn()  # first step, from the common start (compiles the jit rows)
-        _check_close(weights(), case.want_weights, impl)
+        check_close(weights(), case.want_weights, impl, rtol=1e-5)
         traffic = 28 * numel
     else:
         fn = norm_callable(impl, case)
         got = fn()
         assert abs(got - case.want_norm) <= 1e-5 * case.want_norm, f"{impl}: norm {got} vs {case.want_norm}"
         traffic = 4 * numel
-    per_call = best_seconds(fn, repeats=1, warmup=0)
-    # A budget of about 1.5 s per row, between 3 and 20 rounds.
-    rounds = int(min(20, max(3, 1.5 // max(per_call, 1e-3))))
-    noise = run_rounds(benchmark, fn, rounds, warmup_rounds=1)
+    noise = run_budgeted(benchmark, fn, max_rounds=20)
     benchmark.extra_info.update(
         section="Optimizer step (memory-bound: GB/s)",
         impl=impl,

@@ -32,15 +32,15 @@ import numpy as np
 import pytest
 import torch
 from harness import (
+    KERNEL_METHOD_NOTE,
     MS_KERNEL,
     MS_KERNEL_JIT,
     SANDBOX_FAST,
     SANDBOX_SCALAR,
-    best_seconds,
+    check_close,
     kernel_rows,
     ms_sync,
-    run_rounds,
-    to_numpy,
+    run_budgeted,
 )
 from mindspore import Tensor, nn, ops
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
@@ -62,19 +62,11 @@ MS_REFERENCE_JIT = "MindSpore composition (jit)"
 TORCH = "torch"
 IMPLS, COMPARE, HEADLINE = kernel_rows(MS_REFERENCE, MS_REFERENCE_JIT, TORCH)
 
-NOTE_COMMON = (
-    "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "
-    "fwd+bwd is `ms.vjp` with a given dy, returning y and the gradients (y too, so that jit cannot drop the "
-    "forward), and `torch.autograd.grad` for torch. The sandbox calls `omni_fast._C` on numpy arrays: fast path "
-    "with OpenMP (2 threads), scalar reference single-threaded; it allocates fresh outputs per call, as torch does, "
-    "while MindSpore reuses its memory pool. Before timing, every row's outputs are checked against the fast path "
-    "(relative 1e-4), untimed. "
-)
-LN_NOTE = NOTE_COMMON + (
+LN_NOTE = KERNEL_METHOD_NOTE + (
     "LayerNorm gradients: dx, dw, db. Compulsory traffic: fwd reads x, w, b and writes y (2N + 2n floats); "
     "fwd+bwd adds reading dy, x, w and writing dx, dw, db (5N + 5n floats in all)."
 )
-ROTARY_NOTE = NOTE_COMMON + (
+ROTARY_NOTE = KERNEL_METHOD_NOTE + (
     "Rotary gradient: dx only; cos and sin enter through `ops.stop_gradient` in MindSpore and without "
     "requires_grad in torch, as position tables do in the model. Compulsory traffic: fwd reads x, cos, sin and "
     "writes y (2N + 2T floats, T = rows x head_dim of the tables); fwd+bwd adds reading dy, cos, sin and writing "
@@ -299,21 +291,9 @@ def _rotary_callable(impl: str, direction: str, d: Inputs) -> Callable[[], tuple
     raise ValueError(impl)
 
 
-def _check_close(got: tuple[Any, ...], want: tuple[Any, ...], impl: str) -> None:
-    """Untimed sanity check: a benchmark of a wrong result is worthless (scale-aware, like tests' assert_rel_close)."""
-    assert len(got) == len(want), f"{impl}: {len(got)} outputs, expected {len(want)}"
-    for i, (a, b) in enumerate(zip(got, want)):
-        a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-        err, scale = np.abs(a - b).max(), np.abs(b).max()
-        assert err <= 1e-4 * scale, f"{impl} output {i}: max abs err {err:.3e} vs scale {scale:.3e}"
-
-
 def _run(benchmark: Any, fn: Callable[[], tuple[Any, ...]], want: tuple[Any, ...], impl: str, **extra: Any) -> None:
-    _check_close(fn(), want, impl)  # first call: compiles the jit rows
-    per_call = best_seconds(fn, repeats=1, warmup=0)
-    # A budget of about 1.5 s per row, between 3 and 15 rounds: the slow references get few, the kernels many.
-    rounds = int(min(15, max(3, 1.5 // max(per_call, 1e-3))))
-    noise = run_rounds(benchmark, fn, rounds, warmup_rounds=1)
+    check_close(fn(), want, impl)  # first call: compiles the jit rows
+    noise = run_budgeted(benchmark, fn)
     # GB/s and the ratios are derived from the minima when the JSON is written (conftest -> report.add_derived).
     benchmark.extra_info.update(
         impl=impl, compare=COMPARE.get(impl, {}), headline=impl in HEADLINE, details=noise, **extra

@@ -22,14 +22,15 @@ import numpy as np
 import pytest
 import torch
 from harness import (
+    KERNEL_METHOD_NOTE,
     MS_KERNEL,
     MS_KERNEL_JIT,
     SANDBOX_FAST,
     SANDBOX_SCALAR,
-    best_seconds,
+    check_close,
     kernel_rows,
     ms_sync,
-    run_rounds,
+    run_budgeted,
 )
 from mindspore import Tensor, nn
 
@@ -46,14 +47,9 @@ MS_REFERENCE_JIT = "MindSpore reference (jit)"
 TORCH = "torch F.rms_norm"
 IMPLS, COMPARE, HEADLINE = kernel_rows(MS_REFERENCE, MS_REFERENCE_JIT, TORCH)
 
-NOTE = (
-    "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "
-    "fwd+bwd is `ms.vjp` returning (y, dx, dw) with a given dy (y is returned so that jit cannot drop the forward), "
-    "`torch.autograd.grad(y, (x, w), dy)` for torch. The sandbox calls `omni_fast._C.rms_norm_forward/backward` on "
-    "numpy arrays: fast path with OpenMP (2 threads), scalar reference single-threaded; it allocates fresh outputs "
-    "per call, as torch does, while MindSpore reuses its memory pool. Compulsory traffic: fwd reads x, w and writes "
-    "y (2N + n floats); fwd+bwd adds reading dy, x, w and writing dx, dw (5N + 3n floats in all). Before timing, "
-    "every row's outputs are checked against the fast path (relative 1e-4), untimed."
+NOTE = KERNEL_METHOD_NOTE + (
+    "RMSNorm gradients: dx, dw. Compulsory traffic: fwd reads x, w and writes y (2N + n floats); fwd+bwd adds "
+    "reading dy, x, w and writing dx, dw (5N + 3n floats in all)."
 )
 
 
@@ -164,22 +160,6 @@ def _callable(impl: str, direction: str, d: Inputs) -> Callable[[], tuple[Any, .
     raise ValueError(impl)
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, Tensor):
-        return value.asnumpy()
-    if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
-    return np.asarray(value)
-
-
-def _check_close(got: tuple[Any, ...], want: tuple[Any, ...], impl: str) -> None:
-    """Untimed sanity check: a benchmark of a wrong result is worthless (scale-aware, like tests' assert_rel_close)."""
-    for name, a, b in zip(("y", "dx", "dw"), got, want):
-        a, b = _to_numpy(a).astype(np.float64), _to_numpy(b).astype(np.float64)
-        err, scale = np.abs(a - b).max(), np.abs(b).max()
-        assert err <= 1e-4 * scale, f"{impl} {name}: max abs err {err:.3e} vs scale {scale:.3e}"
-
-
 def _traffic_bytes(shape: tuple[int, int], direction: str) -> int:
     elements, cols = shape[0] * shape[1], shape[1]
     floats = 2 * elements + cols if direction == "fwd" else 5 * elements + 3 * cols
@@ -197,11 +177,8 @@ def test_rms_norm(benchmark: Any, inputs: Callable[[str], Inputs], shape_name: s
     fn = _callable(impl, direction, d)
 
     want = _callable(SANDBOX_FAST, direction, d)()
-    _check_close(fn(), want, impl)  # first call: compiles the jit rows
-    per_call = best_seconds(fn, repeats=1, warmup=0)
-    # A budget of about 1.5 s per row, between 3 and 15 rounds: the slow references get few, the kernels many.
-    rounds = int(min(15, max(3, 1.5 // max(per_call, 1e-3))))
-    noise = run_rounds(benchmark, fn, rounds, warmup_rounds=1)
+    check_close(fn(), want, impl)  # first call: compiles the jit rows
+    noise = run_budgeted(benchmark, fn)
     # GB/s and the ratios are derived from the minima when the JSON is written (conftest -> report.add_derived).
     benchmark.extra_info.update(
         section="RMSNorm (memory-bound: GB/s, not a fraction of the GEMM peak)",

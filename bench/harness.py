@@ -11,7 +11,7 @@ import importlib.metadata
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,18 @@ MS_KERNEL = "MindSpore kernel (PyNative)"
 MS_KERNEL_JIT = "MindSpore kernel (jit)"
 SANDBOX_FAST = "C++ fast path (numpy sandbox)"
 SANDBOX_SCALAR = "C++ scalar reference (numpy sandbox)"
+
+
+# How the fused-kernel benchmarks (RMSNorm, activations, LayerNorm, rotary) time their rows; each appends its
+# op's outputs and compulsory traffic.
+KERNEL_METHOD_NOTE = (
+    "MindSpore rows run in PyNative with launch_blocking; the jit rows compile the same call with `ms.jit`. "
+    "fwd+bwd is `ms.vjp` with a given dy, returning y and the gradients (y too, so that jit cannot drop the "
+    "forward), and `torch.autograd.grad` for torch. The sandbox calls `omni_fast._C` on numpy arrays: fast path "
+    "with OpenMP (2 threads), scalar reference single-threaded; it allocates fresh outputs per call, as torch does, "
+    "while MindSpore reuses its memory pool. Before timing, every row's outputs are checked against the fast path "
+    "(relative 1e-4), untimed. "
+)
 
 
 def kernel_rows(reference: str, reference_jit: str, torch: str) -> tuple[tuple[str, ...], dict, set[str]]:
@@ -142,6 +154,24 @@ def run_rounds(benchmark: Any, fn: Callable[[], Any], rounds: int, warmup_rounds
         fn, setup=quiet.setup, teardown=quiet.teardown, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1
     )
     return {"others' CPU while timed, %": 100 * quiet.others_fraction}
+
+
+def run_budgeted(benchmark: Any, fn: Callable[[], Any], max_rounds: int = 15, budget_seconds: float = 1.5) -> dict:
+    """``run_rounds`` with about ``budget_seconds`` of timed calls, between 3 and ``max_rounds`` rounds after one
+    warm-up round: slow references get few rounds, the kernels many. Returns ``run_rounds``' noise columns."""
+    per_call = best_seconds(fn, repeats=1, warmup=0)
+    rounds = int(min(max_rounds, max(3, budget_seconds // max(per_call, 1e-3))))
+    return run_rounds(benchmark, fn, rounds, warmup_rounds=1)
+
+
+def check_close(got: Sequence[Any], want: Sequence[Any], impl: str, rtol: float = 1e-4) -> None:
+    """Untimed sanity check before timing (a benchmark of a wrong result is worthless): each output's max abs error
+    within ``rtol`` times the largest magnitude of the expected one, like tests' assert_rel_close."""
+    assert len(got) == len(want), f"{impl}: {len(got)} outputs, expected {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
+        err, scale = np.abs(a - b).max(initial=0.0), np.abs(b).max(initial=0.0)
+        assert err <= rtol * scale, f"{impl} output {i}: max abs err {err:.3e} vs scale {scale:.3e}"
 
 
 def to_numpy(value: Any) -> np.ndarray:
