@@ -132,8 +132,6 @@ class ParallelLayout:
         """From CLI text or Python lists, nested or flat; errors name the parallel_config field."""
         if isinstance(tp_size, str):
             tp_size = int(tp_size) if tp_size.strip().isdigit() else tp_size
-        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"parallel_config.tp_size must be a positive integer, got {tp_size!r}")
         return cls(parse_layer_list(llm_pp_layers, "parallel_config.llm_pp_layers"),
                    parse_layer_list(vit_pp_layers, "parallel_config.vit_pp_layers"),
                    parse_layer_list(audio_pp_layers, "parallel_config.audio_pp_layers"), tp_size)
