@@ -81,6 +81,7 @@ constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 128;
 constexpr int64_t kVec = 16;  // floats per vector
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kFar = int64_t(1) << 40;  // beyond any sequence length: an open side of a band
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -102,7 +103,6 @@ inline Segment segment(const AttentionParams& p, int64_t b) {
     s.q_len = p.q_seq;
     s.kv_len = p.kv_seq;
   }
-  constexpr int64_t kFar = int64_t(1) << 40;  // beyond any sequence length: an open side of the band
   if (p.sparse_mode == 2) {
     s.lo = -kFar;
     s.hi = 0;
@@ -428,21 +428,46 @@ inline void row_group(int64_t mr, int64_t k, const float* a, int64_t lda, const 
   }
 }
 
+// Which (i, j) index pairs of a tile product can be non-zero: lo <= j - i + shift <= hi, in the tile's own indices
+// (i a row of C; j a column of C or a step of the inner dimension). The default is the whole tile. On a causal
+// diagonal tile this halves the work: a group of rows [i, i + mr) meets only j in [first(i), last(i, mr)).
+struct TileBand {
+  int64_t shift = 0, lo = -kFar, hi = kFar;
+  int64_t first(int64_t i) const { return i + lo - shift; }
+  int64_t last(int64_t i, int64_t mr) const { return i + mr + hi - shift; }
+};
+
+// The whole vectors [*c0, *c1) of an n-column score row i that the band can reach (n a multiple of kVec).
+inline void band_vectors(const TileBand& band, int64_t i, int64_t n, int64_t* c0, int64_t* c1) {
+  *c0 = std::clamp<int64_t>(band.first(i) / kVec * kVec, 0, n);
+  *c1 = std::clamp<int64_t>(round_up(std::max<int64_t>(band.last(i, 1), 0), kVec), *c0, n);
+}
+
 // C[m x n] (=, or += when ACC) op(A)[m x k] * B[k x n], float32, n a multiple of 16, B row-major; op(A) = A
 // ([m][k], row stride lda) or, with TA, A^T for A stored [k][m] (row stride lda). Small tiles only (the callers'
-// blocks): columns in strips of 32 (then 16), rows in groups of 8.
+// blocks): columns in strips of 32 (then 16), rows in groups of 8. Only the column strips that `cols` lets a row
+// group reach are computed (the others are set to 0, or left as they are when ACC), and only the inner steps that
+// `depth` lets it reach are summed: the caller guarantees that the skipped products are zero or masked anyway.
 template <bool ACC, bool TA = false>
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                 int64_t ldc) {
+                 int64_t ldc, const TileBand& cols = {}, const TileBand& depth = {}) {
   for (int64_t j = 0; j < n; j += 2 * kVec) {
-    const bool wide = n - j >= 2 * kVec;
+    const int64_t width = std::min<int64_t>(2 * kVec, n - j);
     for (int64_t i = 0; i < m; i += 8) {
       const int64_t mr = std::min<int64_t>(8, m - i);
-      const float* ai = TA ? a + i : a + i * lda;
-      if (wide) {
-        row_group<2, ACC, TA>(mr, k, ai, lda, b + j, ldb, c + i * ldc + j, ldc);
+      const int64_t p0 = std::max<int64_t>(0, depth.first(i)), p1 = std::min(k, depth.last(i, mr));
+      float* ci = c + i * ldc + j;
+      if (j + width <= cols.first(i) || j >= cols.last(i, mr) || p1 <= p0) {
+        if (!ACC) {
+          for (int64_t r = 0; r < mr; ++r) std::fill(ci + r * ldc, ci + r * ldc + width, 0.f);
+        }
+        continue;
+      }
+      const float* ai = TA ? a + p0 * lda + i : a + i * lda + p0;
+      if (width == 2 * kVec) {
+        row_group<2, ACC, TA>(mr, p1 - p0, ai, lda, b + p0 * ldb + j, ldb, ci, ldc);
       } else {
-        row_group<1, ACC, TA>(mr, k, ai, lda, b + j, ldb, c + i * ldc + j, ldc);
+        row_group<1, ACC, TA>(mr, p1 - p0, ai, lda, b + p0 * ldb + j, ldb, ci, ldc);
       }
     }
   }
@@ -535,12 +560,17 @@ namespace attn {
 
 // One key block of the online softmax for `rows` query rows: the score tile `st` (row stride kBlockK, `n` columns,
 // masked entries -inf) becomes P = exp(S - new max) in place; the running max / sum are updated and the output
-// accumulator `acc` (row stride dp) rescaled, ready for acc += P V.
-inline void online_softmax(int64_t rows, int64_t n, float* st, float* mx, float* sum, float* acc, int64_t dp) {
+// accumulator `acc` (row stride dp) rescaled, ready for acc += P V. Vectors out of the band are set to 0 unread.
+inline void online_softmax(int64_t rows, int64_t n, const TileBand& band, float* st, float* mx, float* sum,
+                           float* acc, int64_t dp) {
   for (int64_t r = 0; r < rows; ++r) {
     float* t = st + r * kBlockK;
+    int64_t c0, c1;
+    band_vectors(band, r, n, &c0, &c1);
+    std::fill(t, t + c0, 0.f);
+    std::fill(t + c1, t + n, 0.f);
     vf m = vbroadcast(-kInf);
-    for (int64_t c = 0; c < n; c += kVec) {
+    for (int64_t c = c0; c < c1; c += kVec) {
       const vf x = vload(t + c);
       m = x > m ? x : m;
     }
@@ -550,7 +580,7 @@ inline void online_softmax(int64_t rows, int64_t n, float* st, float* mx, float*
     const float alpha = mx[r] == -kInf ? 0.f : std::exp(mx[r] - m_use);
     vf s_acc = vf{};
     const vf mu = vbroadcast(m_use);
-    for (int64_t c = 0; c < n; c += kVec) {
+    for (int64_t c = c0; c < c1; c += kVec) {
       const vf x = vexp(vload(t + c) - mu);
       s_acc += x;
       vstore(t + c, x);
@@ -613,13 +643,14 @@ void attention_forward(const AttentionParams& p, const T* q, const T* k, const T
         const int64_t row = ki.row(b * mb, hk, s.kv_start + j0);
         pack_transposed(k + row, ki.row_stride(), cols, d, kBlockK, kt.data());
         pack_rows(v + row, ki.row_stride(), cols, d, dp, 1.f, vb.data());
+        const TileBand band{j0 - i0, s.lo, s.hi};  // query row r may see key column c of this tile
         for (int64_t g = 0; g < group; ++g) {
           if (!live[g]) continue;
           float* a = acc.data() + g * tile;
-          gemm<false>(rows, n, d, qs.data() + g * tile, dp, kt.data(), kBlockK, st.data(), kBlockK);
+          gemm<false>(rows, n, d, qs.data() + g * tile, dp, kt.data(), kBlockK, st.data(), kBlockK, band);
           if (!full[g] || cols != n) mask_tile(p, s, b, hk * group + g, i0, rows, j0, cols, n, st.data(), kBlockK);
-          online_softmax(rows, n, st.data(), mx.data() + g * kBlockQ, sum.data() + g * kBlockQ, a, dp);
-          gemm<true>(rows, dp, cols, st.data(), kBlockK, vb.data(), dp, a, dp);
+          online_softmax(rows, n, band, st.data(), mx.data() + g * kBlockQ, sum.data() + g * kBlockQ, a, dp);
+          gemm<true>(rows, dp, cols, st.data(), kBlockK, vb.data(), dp, a, dp, {}, band);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -697,26 +728,37 @@ void attention_backward(const AttentionParams& p, const T* dout, const T* q, con
             if (!tile_live(p, s, b, h, i0, rows, j0, cols, &full)) continue;
             const float* qg = qs.data() + (g * qn + i0) * dp;
             const float* dog = dob.data() + (g * qn + i0) * dp;
+            // Query row r may see key column c of this tile; seen from the keys' side (dV, dK) the band flips.
+            const TileBand band{j0 - i0, s.lo, s.hi}, band_t{i0 - j0, -s.hi, -s.lo};
             // P = exp(scale * Q K^T - lse), masked entries 0.
-            gemm<false>(rows, n, d, qg, dp, kt.data(), kBlockK, pt.data(), kBlockK);
+            gemm<false>(rows, n, d, qg, dp, kt.data(), kBlockK, pt.data(), kBlockK, band);
             if (!full || cols != n) mask_tile(p, s, b, h, i0, rows, j0, cols, n, pt.data(), kBlockK);
             for (int64_t r = 0; r < rows; ++r) {
               float* t = pt.data() + r * kBlockK;
+              int64_t c0, c1;
+              band_vectors(band, r, n, &c0, &c1);
+              std::fill(t, t + c0, 0.f);
+              std::fill(t + c1, t + n, 0.f);
               const vf l = vbroadcast(row_lse[g * qn + i0 + r]);
-              for (int64_t c = 0; c < n; c += kVec) vstore(t + c, vexp(vload(t + c) - l));
+              for (int64_t c = c0; c < c1; c += kVec) vstore(t + c, vexp(vload(t + c) - l));
             }
             // dP = dO V^T, then dS = P * (dP - Delta).
-            gemm<false>(rows, n, d, dog, dp, vt.data(), kBlockK, ds.data(), kBlockK);
+            gemm<false>(rows, n, d, dog, dp, vt.data(), kBlockK, ds.data(), kBlockK, band);
             for (int64_t r = 0; r < rows; ++r) {
               const float* pr = pt.data() + r * kBlockK;
               float* dr = ds.data() + r * kBlockK;
+              int64_t c0, c1;
+              band_vectors(band, r, n, &c0, &c1);
+              std::fill(dr, dr + c0, 0.f);
+              std::fill(dr + c1, dr + n, 0.f);
               const vf dl = vbroadcast(delta[g * qn + i0 + r]);
-              for (int64_t c = 0; c < n; c += kVec) vstore(dr + c, vload(pr + c) * (vload(dr + c) - dl));
+              for (int64_t c = c0; c < c1; c += kVec) vstore(dr + c, vload(pr + c) * (vload(dr + c) - dl));
             }
-            gemm<true, true>(cols, dp, rows, pt.data(), kBlockK, dog, dp, dv_acc.data(), dp);  // dV += P^T dO
-            gemm<true, true>(cols, dp, rows, ds.data(), kBlockK, qg, dp, dk_acc.data(), dp);   // dK += dS^T Qs
+            gemm<true, true>(cols, dp, rows, pt.data(), kBlockK, dog, dp, dv_acc.data(), dp, {}, band_t);  // dV += P^T dO
+            gemm<true, true>(cols, dp, rows, ds.data(), kBlockK, qg, dp, dk_acc.data(), dp, {}, band_t);   // dK += dS^T Qs
             // dQ += dS K (times scale when written)
-            gemm<true>(rows, dp, cols, ds.data(), kBlockK, kr.data(), dp, dq_acc.data() + (g * qn + i0) * dp, dp);
+            gemm<true>(rows, dp, cols, ds.data(), kBlockK, kr.data(), dp, dq_acc.data() + (g * qn + i0) * dp, dp, {},
+                       band);
           }
         }
         for (int64_t r = 0; r < cols; ++r) {

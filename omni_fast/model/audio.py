@@ -258,7 +258,8 @@ class AudioEncoder(nn.Cell):
         p2 = (p - 1) // 2 + 1
         h = ops.cat((ops.zeros((n_chunks, 1, d), cd), h, ops.zeros((n_chunks, 2 * p2 + 1 - p, d), cd)), 1)
         pairs = h.reshape(n_chunks, p2 + 1, 2 * d)
-        cols = ops.cat((pairs[:, :p2], pairs[:, 1:, :d]), -1)
+        # ops.slice, not pairs[:, 1:, :d]: MindSpore's CPU StridedSlice over two axes took 3.4 ms here, this 0.2 ms.
+        cols = ops.cat((pairs[:, :p2], ops.slice(pairs, (0, 1, 0), (n_chunks, p2, d))), -1)
         h = self.act(self.conv2(cols)) + self.positions[:p2].astype(cd)  # positions restart in every chunk
         return ops.gather(h.reshape(n_chunks * p2, d), keep_index, 0)
 
