@@ -263,9 +263,12 @@ def describe_machine() -> dict[str, Any]:
 
 def measure_gemm(n: int = 2048, repeats: int = 8) -> dict[str, Any]:
     """fp32 n x n x n matmul GFLOP/s with all threads, torch and numpy (the peak is the better of the two), plus
-    MindSpore's own matmul for information. Outputs are preallocated so the number is the GEMM alone."""
+    MindSpore's own matmul for information, and the machine's fp32 FMA ceiling (no GEMM reaches it). Outputs are
+    preallocated so the number is the GEMM alone."""
     import mindspore as ms
     import torch
+
+    from omni_fast.ops.library import host_module
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
@@ -280,7 +283,15 @@ def measure_gemm(n: int = 2048, repeats: int = 8) -> dict[str, Any]:
         "mindspore ops.matmul (PyNative)": flop / best_seconds(lambda: ms_sync(ms.ops.matmul(ma, mb)), repeats) / 1e9,
     }
     source = max(("torch.matmul", "numpy.matmul"), key=gflops.get)
-    return {"n": n, "repeats": repeats, "gflops": gflops, "peak_gflops": gflops[source], "peak_source": source}
+    return {
+        "n": n,
+        "repeats": repeats,
+        "gflops": gflops,
+        "peak_gflops": gflops[source],
+        "peak_source": source,
+        # Above any GEMM: independent multiply-add chains on every core, nothing loaded (omni_fast._C).
+        "fma_ceiling_gflops": host_module().fma_peak_gflops(0.5),
+    }
 
 
 def measure_copy_bandwidth(mib: int = 64, repeats: int = 20) -> dict[str, Any]:

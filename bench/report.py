@@ -28,6 +28,12 @@ def peak_gflops(doc: dict[str, Any]) -> float | None:
     return max((run["peak_gflops"] for run in runs), default=None)
 
 
+def fma_ceiling(doc: dict[str, Any]) -> float | None:
+    """The run's fp32 FMA ceiling (multiply-add chains on every core): best over its measurements."""
+    runs = doc.get("omni_fast", {}).get("gemm", [])
+    return max((run["fma_ceiling_gflops"] for run in runs if "fma_ceiling_gflops" in run), default=None)
+
+
 def copy_gbs(doc: dict[str, Any]) -> float | None:
     runs = doc.get("omni_fast", {}).get("copy", [])
     return max((run["best_gbs"] for run in runs), default=None)
@@ -38,11 +44,11 @@ def add_derived(doc: dict[str, Any]) -> None:
 
     * ``ratios[label]`` = min time of the compared impl (same group) / min time of this one; above 1 = this row is
       faster. Minima, not means: the machine is shared and noise only ever adds time.
-    * ``metrics``: from ``bytes`` -> GB/s and % of the copy bandwidth; from ``flops`` -> GFLOP/s and % of the GEMM
-      peak; from ``tokens`` -> tokens/s; then whatever the benchmark put in ``details``.
+    * ``metrics``: from ``bytes`` -> GB/s and % of the copy bandwidth; from ``flops`` -> GFLOP/s, % of the GEMM
+      peak and % of the FMA ceiling; from ``tokens`` -> tokens/s; then whatever the benchmark put in ``details``.
     """
     benchmarks = doc["benchmarks"]
-    peak, bandwidth = peak_gflops(doc), copy_gbs(doc)
+    peak, ceiling, bandwidth = peak_gflops(doc), fma_ceiling(doc), copy_gbs(doc)
     minima = {(b["group"], b["extra_info"].get("impl")): b["stats"]["min"] for b in benchmarks}
     for bench in benchmarks:
         info, best = bench["extra_info"], bench["stats"]["min"]
@@ -64,6 +70,8 @@ def add_derived(doc: dict[str, Any]) -> None:
             metrics["GFLOP/s"] = info["flops"] / best / 1e9
             if peak:
                 metrics["% of GEMM peak"] = 100 * metrics["GFLOP/s"] / peak
+            if ceiling:
+                metrics["% of FMA ceiling"] = 100 * metrics["GFLOP/s"] / ceiling
         info["metrics"] = {**metrics, **info.get("details", {})}
 
 
@@ -135,6 +143,16 @@ def _yardstick_lines(doc: dict[str, Any]) -> list[str]:
         )
     if peak_gflops(doc):
         lines.append(f"- **GEMM peak used below: {_num(peak_gflops(doc))} GFLOP/s** (best torch/numpy figure above)")
+    for run in extra.get("gemm", []):
+        if "fma_ceiling_gflops" in run:
+            lines.append(
+                f"- fp32 FMA ceiling at the session {run['when']}: {_num(run['fma_ceiling_gflops'])} GFLOP/s "
+                "(independent multiply-add chains on every core, nothing loaded: `omni_fast._C.fma_peak_gflops`)"
+            )
+    if fma_ceiling(doc):
+        lines.append(
+            f"- **FMA ceiling used below: {_num(fma_ceiling(doc))} GFLOP/s**; no GEMM or training step can pass it"
+        )
     for run in extra.get("copy", []):
         parts = ", ".join(f"{name} {_num(v)}" for name, v in run["gbs"].items())
         lines.append(
@@ -204,7 +222,8 @@ def render(doc: dict[str, Any]) -> str:
         "alternating ratio cannot.",
         "- Memory-bound ops are reported in **GB/s** of compulsory traffic (each input read once, each output "
         "written once) and as a fraction of the copy bandwidth above; compute-bound runs as a fraction of the GEMM "
-        "peak above.",
+        "peak above (what a good library reaches) and, where the run measured it, of the FMA ceiling (what the cores "
+        "can do at all).",
         "",
     ]
     headline = [b for b in benchmarks if b["extra_info"].get("headline") and b["extra_info"].get("ratios")]
