@@ -294,8 +294,9 @@ def test_garbage_collection_runs_between_steps_on_schedule(monkeypatch):
                       ("step", False), ("step", False), ("collect", 1), ("step", False)]  # fmt: skip
     events.clear()
     trainer.config.gc_interval, trainer.config.train_iters = 0, 6
-    trainer.train()
+    summary = trainer.train()
     assert events == [("step", True)]
+    assert 0 < summary["mfu_estimate"] < 1  # model FLOPs over the cores' FMA ceiling: a fraction, never above 1
     monkeypatch.setattr(gc, "collect", real_collect)
     with pytest.raises(ValueError, match="--gc-interval: must be >= 0"):
         parse_args(["--gc-interval", "-1"])

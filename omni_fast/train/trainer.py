@@ -13,6 +13,7 @@ encoded samples with its collate function. One optimizer step:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -32,6 +33,7 @@ from mindspore import Tensor
 from omni_fast.config.mm_model import ModelSpec, model_json_from_spec
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
+from omni_fast.ops.library import host_module
 from omni_fast.train import checkpoint as ckpt
 from omni_fast.train.loss import loss_weights, valid_targets
 from omni_fast.train.optim import AdamW, global_grad_norm, learning_rate
@@ -389,9 +391,9 @@ class Trainer:
         }
 
     def _mfu(self, tokens_per_second: float) -> float:
-        """6 x trainable-path matmul parameters x tokens/s over this machine's measured fp32 GEMM rate."""
+        """6 x matmul parameters x tokens/s over the cores' fp32 FMA ceiling (model FLOPs utilisation on CPU)."""
         flops_per_token = 6 * sum(int(np.prod(p.shape)) for p in self.model.get_parameters() if p.ndim == 2)
-        return tokens_per_second * flops_per_token / measured_gemm_peak()
+        return tokens_per_second * flops_per_token / machine_peak_flops()
 
     def _write_loss_curve(self, path: Path) -> None:
         try:
@@ -487,18 +489,7 @@ class Trainer:
             param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
 
 
-_gemm_peak: float | None = None
-
-
-def measured_gemm_peak() -> float:
-    """FLOP/s of a float32 1024^3 numpy matmul on this machine (best of 3), measured once per process."""
-    global _gemm_peak
-    if _gemm_peak is None:
-        a = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - start)
-        _gemm_peak = 2 * 1024**3 / best
-    return _gemm_peak
+@functools.cache
+def machine_peak_flops() -> float:
+    """This machine's fp32 FMA ceiling in FLOP/s (multiply-add chains on every core for 0.2 s; measured once)."""
+    return host_module().fma_peak_gflops(0.2) * 1e9
