@@ -33,12 +33,12 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from flops import thinker_training_flops
 from harness import best_seconds, ms_sync, run_rounds
 from sequences import build_batch
 from tiny_omni import TINY_IDS, save_hf_thinker, tiny_thinker_config_dict
 
 from omni_fast.model import Qwen2_5OmniThinker
+from omni_fast.model.flops import thinker_training_flops
 
 OMNI = "omni_fast (jit)"
 OMNI_REFERENCE = "omni_fast, reference ops (jit)"
@@ -65,10 +65,11 @@ NOTE = (
     "loaded with `Qwen2_5OmniThinker.from_pretrained`) and the same inputs; the losses are checked equal "
     "(relative 1e-4, untimed) before timing. omni_fast's batch is prepared once outside the step (`prepare_batch` "
     "time in its own column); transformers plans its rope and window indices inside the step. **GFLOP/s counts "
-    "matmul FLOPs directly** (bench/flops.py): every linear layer, the patch projection, the audio convolutions, "
-    "the lm_head and the two attention products over the attended blocks only (causal triangle, vision windows, "
-    "audio chunks), backward = 2x forward (1x for the layers fed by data). It equals torch's FlopCounterMode on the "
-    "transformers model for everything but attention, which that counter does not see on CPU. The reference-ops "
+    "matmul FLOPs directly** (omni_fast.model.flops): every linear layer, the patch projection, the audio "
+    "convolutions, the lm_head and the two attention products over the attended blocks only (causal triangle, "
+    "vision windows, audio chunks), backward = 2x forward (1x for the layers fed by data). It equals torch's "
+    "FlopCounterMode on the transformers model for everything but attention, which that counter does not see on "
+    "CPU (tests/test_flops.py). The reference-ops "
     "row builds its model and compiles its step under `OMNI_FAST_BACKEND=reference`, so every dispatched op "
     "(layer cells and function faces such as `multimodal_scatter`) runs its plain MindSpore reference; the "
     "*Op backends* line lists the layer cells' choices."
@@ -270,7 +271,7 @@ def test_thinker_train_step(
 
     details["loss"] = loss
     audio_frames = inputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in inputs else ()
-    flops = thinker_training_flops(m.ours.config, tokens, inputs.get("image_grid_thw"), audio_frames)
+    flops = thinker_training_flops(m.ours.config, 1, tokens, inputs.get("image_grid_thw"), audio_frames)
     details["GFLOP/step"] = flops / 1e9
     # tokens/s, GFLOP/s, % of the GEMM peak and the ratios are derived from the minima when the JSON is written.
     benchmark.extra_info.update(

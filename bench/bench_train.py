@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from bench_thinker import ROWS, build_hf_thinker_sdpa, make_inputs, thinker_config_dict, torch_inputs
-from flops import thinker_training_flops
 from harness import alternating_minima, wait_for_quiet
 from tiny_omni import save_hf_thinker
 
@@ -24,6 +23,7 @@ from omni_fast.config.mm_model import ModelSpec
 from omni_fast.config.model_config import ThinkerConfig
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
+from omni_fast.model.flops import thinker_training_flops
 from omni_fast.train.trainer import Trainer
 
 STEPS = 4
@@ -90,7 +90,7 @@ def test_training_throughput(benchmark, models, row, impl):
     details: dict[str, Any] = {"optimizer steps per round": STEPS, "tokens per step": tokens}
     audio_frames = inputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in inputs else ()
     config = ThinkerConfig.from_file(path / "config.json")
-    details["GFLOP/step"] = thinker_training_flops(config, tokens, inputs.get("image_grid_thw"), audio_frames) / 1e9
+    details["GFLOP/step"] = thinker_training_flops(config, 1, tokens, inputs.get("image_grid_thw"), audio_frames) / 1e9
     if impl == OMNI:  # the same comparison with the two loops' rounds alternating (harness.alternating_minima)
         ours, peer = alternating_minima(run, torch_loop(hf, inputs), rounds=3)
         details["vs PyTorch loop, alternating rounds"] = round(peer / ours, 2)
@@ -99,10 +99,10 @@ def test_training_throughput(benchmark, models, row, impl):
         headline=impl == OMNI,
         compare={"vs PyTorch loop": TORCH} if impl == OMNI else {},
         tokens=tokens * STEPS,
-        flops=details["GFLOP/step"] * 1e9 * STEPS,  # matmul FLOPs of forward + backward (bench/flops.py)
+        flops=details["GFLOP/step"] * 1e9 * STEPS,  # matmul FLOPs of forward + backward (omni_fast.model.flops)
         details=details,
         note="One round = optimizer steps on batch 1 (all parameters trained, AdamW, clip 1.0), after warm-up "
         "steps that compile omni_fast's graphs. tokens/s counts every token of the row. GFLOP/s counts the step's "
-        "matmul FLOPs (forward + backward, bench/flops.py, as in the Thinker benchmark) over the whole step, "
+        "matmul FLOPs (forward + backward, omni_fast.model.flops, as in the Thinker benchmark) over the whole step, "
         "optimizer included: the % of the FMA ceiling says how far from this machine's arithmetic limit each loop is.",
     )

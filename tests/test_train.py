@@ -271,6 +271,28 @@ def test_recompute_keys_mark_layers_and_keep_gradients():
         apply_recompute(trainer.model, {"audio_encoder": {"recompute_granularity": "layer"}})
 
 
+def test_steps_that_compile_a_new_batch_shape_are_flagged_and_left_out_of_throughput():
+    """Under ms.jit a new batch width compiles the step (seconds): the log says so and the summary's throughput and
+    MFU count only the steady steps."""
+    trainer = make_trainer(jit=True, train_iters=4, micro_batch_size=1, global_batch_size=1, log_tps=True)
+    widths = iter([16, 16, 24, 16])
+
+    def fixed_width(samples: list[dict]) -> dict:
+        ids = np.resize(samples[0]["input_ids"], (1, next(widths)))
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy(), "sample_ids": [0]}
+
+    trainer.collate = fixed_width
+    summary = trainer.train()
+    assert [m.compiled for m in trainer.history] == [True, False, True, False]
+    assert summary["compile_steps"] == 2 and summary["steps_timed"] == 2
+    steady = [trainer.history[1], trainer.history[3]]
+    assert summary["samples_per_second"] == pytest.approx(2 / sum(m.seconds for m in steady))
+    assert 0 < summary["mfu_estimate"] < 1
+    record = trainer._log_record(trainer.history[2])
+    assert record["compiled"] and 0 < record["mfu"] < 1
+    assert "compiled the step for a new batch shape" in trainer._log_line(record)
+
+
 def test_garbage_collection_runs_between_steps_on_schedule(monkeypatch):
     """--gc-interval: automatic collection is off during training, young generations are collected every N steps
     (never inside a step), and the interpreter's setting is restored afterwards; 0 leaves collection automatic."""

@@ -73,14 +73,14 @@ def tiny_thinker_config_dict() -> dict:
     }
 
 
-def build_hf_thinker(config_dict: dict | None = None, seed: int = 0):
+def build_hf_thinker(config_dict: dict | None = None, seed: int = 0, attn_implementation: str = "eager"):
     """A transformers thinker with every parameter perturbed so norms and biases are not trivial."""
     import torch
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Qwen2_5OmniThinkerConfig(**(config_dict or tiny_thinker_config_dict()))
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn_implementation
     model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -249,6 +249,10 @@ class PipelineTrainer(DataParallelTrainer):
             input_grads = (input_grads,)
         return value, input_grads, param_grads
 
+    def _model_flops(self, batches: list[dict[str, Any]]) -> None:
+        """Not estimated: a stage runs an uneven share of the layers, so the whole model's count would mislead."""
+        return None
+
     def accumulate_gradients(self, batches: list[dict[str, Any]]) -> tuple[float, tuple, int, int]:
         c, ctx, stage = self.config, self.ctx, self.stage
         labels = [np.asarray(b["labels"]) for b in batches]

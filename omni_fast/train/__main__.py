@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"done: {summary['iterations']} iterations, loss {summary['first_loss']:.4f} -> "
             f"{summary['last_loss']:.4f}, {summary['tokens_per_second']:.0f} tokens/s "
-            f"({summary['samples_per_second']:.2f} samples/s), MFU estimate {summary['mfu_estimate']:.1%}"
+            f"({summary['samples_per_second']:.2f} samples/s) over {summary['steps_timed']} steady steps"
+            + (f", MFU {summary['mfu_estimate']:.1%}" if summary["mfu_estimate"] is not None else "")
+            + f"; {summary['compile_steps']} steps compiled a new batch shape ({summary['compile_seconds']:.1f} s)"
         )
     return 0
 

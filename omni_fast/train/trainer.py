@@ -33,6 +33,7 @@ from mindspore import Tensor
 from omni_fast.config.mm_model import ModelSpec, model_json_from_spec
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
+from omni_fast.model.flops import thinker_training_flops
 from omni_fast.ops.library import host_module
 from omni_fast.train import checkpoint as ckpt
 from omni_fast.train.loss import loss_weights, valid_targets
@@ -66,6 +67,8 @@ class StepMetrics:
     padded_tokens: int
     seconds: float
     sample_ids: list[Any]
+    compiled: bool = False  # the step traced and compiled its graph for a batch shape not seen before
+    flops: float | None = None  # matmul FLOPs of the step's forward + backward (omni_fast.model.flops), if known
 
 
 def apply_freeze(model: Qwen2_5OmniThinker, freeze: dict[str, bool]) -> dict[str, int]:
@@ -150,6 +153,8 @@ class Trainer:
         self.consumed_samples = 0
         self.history: list[StepMetrics] = []
         self.nan_steps = 0
+        self._graph_shapes: set[tuple] = set()  # argument shapes the jit step has compiled for
+        self._step_compiled = False
         self._build_step_functions()
         warmup = (
             round(config.lr_warmup_fraction * config.train_iters)
@@ -220,19 +225,49 @@ class Trainer:
         for batch, w in zip(batches, weights):
             prepared = self.model.prepare_batch(**{k: v for k, v in batch.items() if k != "sample_ids"})
             padded += int(prepared.input_ids.size)
-            loss, grads = self.forward_backward(*prepared.arguments(), Tensor(w))
+            arguments = prepared.arguments()
+            self._note_graph_shapes(arguments)
+            loss, grads = self.forward_backward(*arguments, Tensor(w))
             total_loss += float(loss.asnumpy())
             # mutable: a tuple argument to a jit function would otherwise be a compile-time constant
             grads_sum = grads if grads_sum is None else self.accumulate(ms.mutable(grads_sum), ms.mutable(grads))
         grads_sum = ms.mutable(self._all_reduce_grads(grads_sum))
         return self._all_reduce_scalar(total_loss), grads_sum, global_valid, self._all_reduce_count(padded)
 
+    def _note_graph_shapes(self, arguments: tuple) -> None:
+        """Under ms.jit a batch whose argument shapes are new compiles a graph (seconds, against milliseconds for a
+        step): flag the step so that the log says so and the summary's throughput leaves it out."""
+        if not self.config.jit:
+            return
+        shapes = tuple(_shape_key(a) for a in arguments)
+        if shapes not in self._graph_shapes:
+            self._graph_shapes.add(shapes)
+            self._step_compiled = True
+
+    def _model_flops(self, batches: list[dict[str, Any]]) -> float | None:
+        """Matmul FLOPs of this process's forward + backward on ``batches``, given which modules are trained."""
+        trained = {module: count > 0 for module, count in self.trainable_counts.items()}
+        total = 0.0
+        for batch in batches:
+            grids = [g for g in (batch.get("image_grid_thw"), batch.get("video_grid_thw")) if g is not None]
+            mask = batch.get("feature_attention_mask")
+            total += thinker_training_flops(
+                self.model.config,
+                *np.shape(batch["input_ids"]),
+                np.concatenate(grids) if grids else None,
+                np.asarray(mask).sum(-1) if mask is not None else (),
+                trained,
+            )
+        return total
+
     def train_step(self) -> StepMetrics:
         c = self.config
         start = time.perf_counter()
+        self._step_compiled = False
         micro_indices = self.sampler.rank_micro_batches(self.consumed_samples, c.micro_batch_size)
         batches = [self.collate([self.dataset[int(i)] for i in idx]) for idx in micro_indices]
         sample_ids = [sid for b in batches for sid in b.get("sample_ids", [])]
+        flops = self._model_flops(batches)
         loss, grads, valid_tokens, padded_tokens = self.accumulate_gradients(batches)
         norm = float(self.grad_norm(grads).asnumpy())
         lr = self.lr_at(self.iteration + 1)
@@ -265,6 +300,8 @@ class Trainer:
             padded_tokens=padded_tokens,
             seconds=time.perf_counter() - start,
             sample_ids=sample_ids,
+            compiled=self._step_compiled,
+            flops=flops,
         )
 
     # Data-parallel hooks: identity in a single process; the parallel package overrides them.
@@ -353,6 +390,8 @@ class Trainer:
             "tokens_per_second": m.valid_tokens / m.seconds,
             "padded_tokens_per_second": m.padded_tokens / m.seconds,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "compiled": m.compiled,
+            "mfu": self._mfu([m]),
         }
         if self.config.log_tps:
             record["tokens_per_sample"] = m.padded_tokens / self.global_batch_size
@@ -370,11 +409,17 @@ class Trainer:
                 f" | tokens per sample: {r['tokens_per_sample']:.1f} | tokens/s valid {r['tokens_per_second']:.0f}"
                 f" padded {r['padded_tokens_per_second']:.0f}"
             )
+        if self.config.log_tps and r["mfu"] is not None:
+            line += f" | MFU {r['mfu']:.1%}"
+        if r["compiled"]:
+            line += " | compiled the step for a new batch shape"
         return line
 
     def _summary(self, wall_seconds: float) -> dict[str, Any]:
         steps = [m for m in self.history if not m.skipped]
-        timed = steps[1:] if len(steps) > 1 else steps  # the first step includes graph compilation
+        # Throughput of the steady state: not the steps that compiled a graph, nor the first (first calls of every
+        # function, PyNative included); all steps when nothing else is left.
+        timed = [m for m in steps[1:] if not m.compiled] or steps
         seconds = sum(m.seconds for m in timed) or float("nan")
         valid = sum(m.valid_tokens for m in timed)
         padded = sum(m.padded_tokens for m in timed)
@@ -384,16 +429,21 @@ class Trainer:
             "samples_per_second": len(timed) * self.global_batch_size / seconds,
             "tokens_per_second": valid / seconds,
             "padded_tokens_per_second": padded / seconds,
-            "mfu_estimate": self._mfu(padded / seconds),
+            "mfu_estimate": self._mfu(timed),
+            "steps_timed": len(timed),
+            "compile_steps": sum(m.compiled for m in self.history),
+            "compile_seconds": round(sum(m.seconds for m in self.history if m.compiled), 2),
             "first_loss": self.history[0].loss if self.history else None,
             "last_loss": self.history[-1].loss if self.history else None,
             "nan_steps": self.nan_steps,
         }
 
-    def _mfu(self, tokens_per_second: float) -> float:
-        """6 x matmul parameters x tokens/s over the cores' fp32 FMA ceiling (model FLOPs utilisation on CPU)."""
-        flops_per_token = 6 * sum(int(np.prod(p.shape)) for p in self.model.get_parameters() if p.ndim == 2)
-        return tokens_per_second * flops_per_token / machine_peak_flops()
+    @staticmethod
+    def _mfu(steps: list[StepMetrics]) -> float | None:
+        """Model FLOPs utilisation of ``steps``: their matmul FLOPs per second over the cores' fp32 FMA ceiling."""
+        if not steps or any(m.flops is None for m in steps):
+            return None
+        return sum(m.flops for m in steps) / sum(m.seconds for m in steps) / machine_peak_flops()
 
     def _write_loss_curve(self, path: Path) -> None:
         try:
@@ -487,6 +537,15 @@ class Trainer:
             if tuple(value.shape) != tuple(param.shape):
                 raise ckpt.CheckpointError(f"{source}: {name} has shape {value.shape}, model has {param.shape}")
             param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
+
+
+def _shape_key(value: Any) -> Any:
+    """What a jit graph is specialised on for one argument: shape and dtype of tensors, inside tuples too."""
+    if isinstance(value, Tensor):
+        return tuple(value.shape), str(value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_key(v) for v in value)
+    return value
 
 
 @functools.cache

@@ -1,4 +1,7 @@
-"""Matmul FLOPs of one Thinker training step (forward + backward), counted layer by layer from the config.
+"""Matmul FLOPs of one Thinker training step (forward + backward), counted layer by layer from the config and batch.
+
+The trainer divides them by the step time and the cores' FMA ceiling for its MFU; the benchmarks report them as
+GFLOP/s.
 
 We count every matmul-shaped product (linear layers, the vision patch projection, the audio convolutions as
 im2col matmuls, the lm_head, and the two attention products QK^T and PV) at 2 FLOPs per multiply-add.
@@ -6,12 +9,16 @@ Attention is counted only over the key blocks a query may attend to (lower trian
 decoder, the window or temporal slice for vision, the chunk for audio): that is the model's useful work. Both
 implementations benchmarked here execute dense attention with an additive mask, so they do more than this.
 
-Backward = 2x forward (one product for the input gradient, one for the weight gradient), except for the two
-layers fed directly by data (vision patch projection, audio conv1), which need only the weight gradient.
-Elementwise work (norms, activations, softmax, RoPE, loss) is not counted.
+Backward = 2x forward for a trained module (one product for the input gradient, one for the weight gradient), except
+for the two layers fed directly by data (vision patch projection, audio conv1), which need only the weight gradient;
+1x for a frozen module that gradients must still cross (the text decoder, or the vision merger, in front of trained
+encoders); nothing for a frozen module with nothing trained behind it. Elementwise work (norms, activations, softmax,
+RoPE, loss) and the embedding lookup are not counted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,16 +32,21 @@ def _attention(segment_sizes: np.ndarray, width: int, causal: bool = False) -> f
     return float(2 * 2 * pairs.sum() * width)
 
 
-def text_forward_flops(cfg: ThinkerConfig, tokens: int) -> dict[str, float]:
+def text_forward_flops(cfg: ThinkerConfig, rows: int, seq: int) -> dict[str, float]:
+    """``rows`` rows of ``seq`` positions (padding included: the decoder computes it), causal attention per row."""
     t = cfg.text
+    tokens = rows * seq
     kv = t.num_key_value_heads * t.head_dim
     per_token = (
         2 * t.hidden_size * t.hidden_size  # q_proj + o_proj
         + 2 * t.hidden_size * kv  # k_proj + v_proj
         + 3 * t.hidden_size * t.intermediate_size  # gate, up, down
     )
-    layers = t.num_hidden_layers * (2 * tokens * per_token + _attention(np.array([tokens]), t.hidden_size, True))
-    return {"text": layers, "lm_head": 2.0 * tokens * t.hidden_size * t.vocab_size}
+    return {
+        "text": 2.0 * t.num_hidden_layers * tokens * per_token,
+        "text_attention": t.num_hidden_layers * _attention(np.full(rows, seq), t.hidden_size, True),
+        "lm_head": 2.0 * tokens * t.hidden_size * t.vocab_size,
+    }
 
 
 def vision_segments(cfg: ThinkerConfig, grid_thw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,10 +82,11 @@ def vision_forward_flops(cfg: ThinkerConfig, grid_thw: np.ndarray) -> dict[str, 
     attention = sum(
         _attention(slices if i in v.fullatt_block_indexes else windows, v.hidden_size) for i in range(v.depth)
     )
-    merger = 2 * (patches // v.spatial_merge_size**2) * merged * (merged + v.out_hidden_size)
     return {
         "vision_input": 2.0 * patches * v.patch_dim * v.hidden_size,
-        "vision": 2.0 * patches * per_patch * v.depth + attention + merger,
+        "vision": 2.0 * patches * per_patch * v.depth,
+        "vision_attention": attention,
+        "vision_merger": 2.0 * (patches // v.spatial_merge_size**2) * merged * (merged + v.out_hidden_size),
     }
 
 
@@ -85,29 +98,68 @@ def audio_forward_flops(cfg: ThinkerConfig, frames: int) -> dict[str, float]:
     positions = int(chunks.sum())
     tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1  # after conv2 and the 2x average pool
     per_position = 4 * d * d + 2 * d * a.encoder_ffn_dim  # q, k, v, out; fc1, fc2
-    layers = a.encoder_layers * (2 * positions * per_position + _attention(chunks, d))
+    layers = 2.0 * a.encoder_layers * positions * per_position
     return {
         "audio_input": 2.0 * frames * 3 * a.num_mel_bins * d,  # conv1 (kernel 3) on every valid frame
         "audio": 2.0 * positions * 3 * d * d + layers + 2.0 * tokens * d * a.output_dim,  # conv2, layers, proj
+        "audio_attention": a.encoder_layers * _attention(chunks, d),
     }
+
+
+# Which trainer module (model.json's freeze keys) each counted part belongs to.
+PART_MODULE = {
+    "text": "text_decoder",
+    "text_attention": "text_decoder",
+    "lm_head": "text_decoder",
+    "vision_input": "vision_encoder",
+    "vision": "vision_encoder",
+    "vision_attention": "vision_encoder",
+    "vision_merger": "vision_projector",
+    "audio_input": "audio_encoder",
+    "audio": "audio_encoder",
+    "audio_attention": "audio_encoder",
+}
+ALL_TRAINED = dict.fromkeys(PART_MODULE.values(), True)
+
+
+def backward_factor(part: str, trained: Mapping[str, bool]) -> float:
+    """Backward FLOPs of ``part`` per forward FLOP: 2 trained (1 when fed by data), 1 frozen but crossed by the
+    gradient of a trained module behind it, 0 otherwise."""
+    if trained[PART_MODULE[part]]:
+        return 1.0 if part.endswith("_input") else 2.0
+    behind = {
+        "text_decoder": ("vision_encoder", "vision_projector", "audio_encoder"),
+        "vision_projector": ("vision_encoder",),
+    }.get(PART_MODULE[part], ())
+    return 1.0 if any(trained[m] for m in behind) else 0.0
+
+
+def training_flops_by_part(
+    cfg: ThinkerConfig,
+    rows: int,
+    seq: int,
+    grid_thw: np.ndarray | None = None,
+    audio_frames: Sequence[int] = (),
+    trained: Mapping[str, bool] = ALL_TRAINED,
+) -> dict[str, float]:
+    """Matmul FLOPs of one fwd+bwd step, per part (``PART_MODULE``), on ``rows`` x ``seq`` text positions with these
+    images/videos (their [n, 3] grids together) and audios (valid mel frames each), given which modules are trained."""
+    forward = text_forward_flops(cfg, rows, seq)
+    if grid_thw is not None and len(grid_thw):
+        forward.update(vision_forward_flops(cfg, grid_thw))
+    for frames in audio_frames:
+        for name, value in audio_forward_flops(cfg, int(frames)).items():
+            forward[name] = forward.get(name, 0.0) + value
+    return {name: value * (1.0 + backward_factor(name, trained)) for name, value in forward.items()}
 
 
 def thinker_training_flops(
     cfg: ThinkerConfig,
-    tokens: int,
-    image_grid_thw: np.ndarray | None = None,
-    audio_frames: list[int] | tuple[int, ...] = (),
+    rows: int,
+    seq: int,
+    grid_thw: np.ndarray | None = None,
+    audio_frames: Sequence[int] = (),
+    trained: Mapping[str, bool] = ALL_TRAINED,
 ) -> float:
-    """Matmul FLOPs of one fwd+bwd step on ``tokens`` text positions with these images and audios."""
-    forward = text_forward_flops(cfg, tokens)
-    if image_grid_thw is not None:
-        forward.update(vision_forward_flops(cfg, image_grid_thw))
-    for frames in audio_frames:
-        for name, value in audio_forward_flops(cfg, int(frames)).items():
-            forward[name] = forward.get(name, 0.0) + value
-    return training_flops(forward)
-
-
-def training_flops(forward: dict[str, float]) -> float:
-    """Forward + backward: 3x forward, 2x for the layers fed by data (no input gradient)."""
-    return sum(value * (2 if name.endswith("_input") else 3) for name, value in forward.items())
+    """The step's total: the sum of :func:`training_flops_by_part`."""
+    return sum(training_flops_by_part(cfg, rows, seq, grid_thw, audio_frames, trained).values())
