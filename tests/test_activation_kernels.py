@@ -23,8 +23,8 @@ TINY = 1e-30
 
 
 def np_sigmoid(x):
-    with np.errstate(over="ignore"):
-        return np.where(x >= 0, 1.0 / (1.0 + np.exp(-x)), np.exp(x) / (1.0 + np.exp(x)))
+    e = np.exp(-np.abs(x))  # never overflows: both branches of the stable form from exp(-|x|)
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 np_erfc = np.vectorize(math.erfc, otypes=[np.float64])
