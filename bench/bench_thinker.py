@@ -38,7 +38,7 @@ from sequences import build_batch
 from tiny_omni import TINY_IDS, save_hf_thinker, tiny_thinker_config_dict
 
 from omni_fast.model import Qwen2_5OmniThinker
-from omni_fast.model.flops import thinker_training_flops
+from omni_fast.model.flops import training_flops
 
 OMNI = "omni_fast (jit)"
 OMNI_REFERENCE = "omni_fast, reference ops (jit)"
@@ -270,8 +270,7 @@ def test_thinker_train_step(
     details.update(run_rounds(benchmark, fn, rounds))  # the calls above were the warm-up
 
     details["loss"] = loss
-    audio_frames = inputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in inputs else ()
-    flops = thinker_training_flops(m.ours.config, 1, tokens, inputs.get("image_grid_thw"), audio_frames)
+    flops = training_flops(m.ours.config, inputs)
     details["GFLOP/step"] = flops / 1e9
     # tokens/s, GFLOP/s, % of the GEMM peak and the ratios are derived from the minima when the JSON is written.
     benchmark.extra_info.update(

@@ -23,7 +23,7 @@ from omni_fast.config.mm_model import ModelSpec
 from omni_fast.config.model_config import ThinkerConfig
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
-from omni_fast.model.flops import thinker_training_flops
+from omni_fast.model.flops import training_flops
 from omni_fast.train.trainer import Trainer
 
 STEPS = 4
@@ -88,9 +88,7 @@ def test_training_throughput(benchmark, models, row, impl):
     losses = benchmark.pedantic(run, rounds=3, iterations=1)
     assert np.isfinite(losses).all()
     details: dict[str, Any] = {"optimizer steps per round": STEPS, "tokens per step": tokens}
-    audio_frames = inputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in inputs else ()
-    config = ThinkerConfig.from_file(path / "config.json")
-    details["GFLOP/step"] = thinker_training_flops(config, 1, tokens, inputs.get("image_grid_thw"), audio_frames) / 1e9
+    details["GFLOP/step"] = training_flops(ThinkerConfig.from_file(path / "config.json"), inputs) / 1e9
     if impl == OMNI:  # the same comparison with the two loops' rounds alternating (harness.alternating_minima)
         ours, peer = alternating_minima(run, torch_loop(hf, inputs), rounds=3)
         details["vs PyTorch loop, alternating rounds"] = round(peer / ours, 2)

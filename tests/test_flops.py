@@ -3,7 +3,6 @@ transformers' Thinker, forward + backward, with every module trained and with so
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from test_thinker import make_case, torch_inputs
@@ -58,9 +57,7 @@ def test_matmul_flops_match_torch_flop_counter(hf_sdpa, frozen):
     inputs = make_case(ROWS)
     trained = {**ALL_TRAINED, **dict.fromkeys(frozen, False)}
     cfg = ThinkerConfig.from_dict(tiny_thinker_config_dict())
-    grids = np.concatenate([inputs["image_grid_thw"], inputs["video_grid_thw"]])
-    frames = inputs["feature_attention_mask"].sum(-1)
-    parts = training_flops_by_part(cfg, *inputs["input_ids"].shape, grids, frames, trained)
+    parts = training_flops_by_part(cfg, inputs, trained)
     assert set(parts) <= set(PART_MODULE)
     ours = sum(value for name, value in parts.items() if not name.endswith("_attention"))
     assert ours == counted_by_torch(hf_sdpa, inputs, trained)

@@ -18,7 +18,8 @@ RoPE, loss) and the embedding lookup are not counted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -135,31 +136,23 @@ def backward_factor(part: str, trained: Mapping[str, bool]) -> float:
 
 
 def training_flops_by_part(
-    cfg: ThinkerConfig,
-    rows: int,
-    seq: int,
-    grid_thw: np.ndarray | None = None,
-    audio_frames: Sequence[int] = (),
-    trained: Mapping[str, bool] = ALL_TRAINED,
+    cfg: ThinkerConfig, batch: Mapping[str, Any], trained: Mapping[str, bool] = ALL_TRAINED
 ) -> dict[str, float]:
-    """Matmul FLOPs of one fwd+bwd step, per part (``PART_MODULE``), on ``rows`` x ``seq`` text positions with these
-    images/videos (their [n, 3] grids together) and audios (valid mel frames each), given which modules are trained."""
-    forward = text_forward_flops(cfg, rows, seq)
-    if grid_thw is not None and len(grid_thw):
-        forward.update(vision_forward_flops(cfg, grid_thw))
-    for frames in audio_frames:
+    """Matmul FLOPs of one fwd+bwd step per part (``PART_MODULE``) on a batch of model inputs (``input_ids`` [B, S];
+    ``image_grid_thw``, ``video_grid_thw`` and ``feature_attention_mask`` where present), given which modules are
+    trained."""
+    forward = text_forward_flops(cfg, *np.shape(batch["input_ids"]))
+    media = ("image_grid_thw", "video_grid_thw")
+    grids = [np.asarray(batch[k]).reshape(-1, 3) for k in media if batch.get(k) is not None]
+    if grids:
+        forward.update(vision_forward_flops(cfg, np.concatenate(grids)))
+    mask = batch.get("feature_attention_mask")
+    for frames in np.asarray(mask).sum(-1) if mask is not None else ():
         for name, value in audio_forward_flops(cfg, int(frames)).items():
             forward[name] = forward.get(name, 0.0) + value
     return {name: value * (1.0 + backward_factor(name, trained)) for name, value in forward.items()}
 
 
-def thinker_training_flops(
-    cfg: ThinkerConfig,
-    rows: int,
-    seq: int,
-    grid_thw: np.ndarray | None = None,
-    audio_frames: Sequence[int] = (),
-    trained: Mapping[str, bool] = ALL_TRAINED,
-) -> float:
+def training_flops(cfg: ThinkerConfig, batch: Mapping[str, Any], trained: Mapping[str, bool] = ALL_TRAINED) -> float:
     """The step's total: the sum of :func:`training_flops_by_part`."""
-    return sum(training_flops_by_part(cfg, rows, seq, grid_thw, audio_frames, trained).values())
+    return sum(training_flops_by_part(cfg, batch, trained).values())

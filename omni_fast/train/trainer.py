@@ -33,7 +33,7 @@ from mindspore import Tensor
 from omni_fast.config.mm_model import ModelSpec, model_json_from_spec
 from omni_fast.config.train_config import TrainConfig
 from omni_fast.model import Qwen2_5OmniThinker
-from omni_fast.model.flops import thinker_training_flops
+from omni_fast.model.flops import training_flops
 from omni_fast.ops.library import host_module
 from omni_fast.train import checkpoint as ckpt
 from omni_fast.train.loss import loss_weights, valid_targets
@@ -247,18 +247,7 @@ class Trainer:
     def _model_flops(self, batches: list[dict[str, Any]]) -> float | None:
         """Matmul FLOPs of this process's forward + backward on ``batches``, given which modules are trained."""
         trained = {module: count > 0 for module, count in self.trainable_counts.items()}
-        total = 0.0
-        for batch in batches:
-            grids = [g for g in (batch.get("image_grid_thw"), batch.get("video_grid_thw")) if g is not None]
-            mask = batch.get("feature_attention_mask")
-            total += thinker_training_flops(
-                self.model.config,
-                *np.shape(batch["input_ids"]),
-                np.concatenate(grids) if grids else None,
-                np.asarray(mask).sum(-1) if mask is not None else (),
-                trained,
-            )
-        return total
+        return sum(training_flops(self.model.config, batch, trained) for batch in batches)
 
     def train_step(self) -> StepMetrics:
         c = self.config
