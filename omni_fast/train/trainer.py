@@ -154,7 +154,6 @@ class Trainer:
         self.history: list[StepMetrics] = []
         self.nan_steps = 0
         self._graph_shapes: set[tuple] = set()  # argument shapes the jit step has compiled for
-        self._step_compiled = False
         self._build_step_functions()
         warmup = (
             round(config.lr_warmup_fraction * config.train_iters)
@@ -236,13 +235,10 @@ class Trainer:
 
     def _note_graph_shapes(self, arguments: tuple) -> None:
         """Under ms.jit a batch whose argument shapes are new compiles a graph (seconds, against milliseconds for a
-        step): flag the step so that the log says so and the summary's throughput leaves it out."""
-        if not self.config.jit:
-            return
-        shapes = tuple(_shape_key(a) for a in arguments)
-        if shapes not in self._graph_shapes:
-            self._graph_shapes.add(shapes)
-            self._step_compiled = True
+        step): remember the shapes, so that a step that adds some is flagged in the log and left out of the summary's
+        throughput."""
+        if self.config.jit:
+            self._graph_shapes.add(tuple(_shape_key(a) for a in arguments))
 
     def _model_flops(self, batches: list[dict[str, Any]]) -> float | None:
         """Matmul FLOPs of this process's forward + backward on ``batches``, given which modules are trained."""
@@ -252,11 +248,11 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         c = self.config
         start = time.perf_counter()
-        self._step_compiled = False
         micro_indices = self.sampler.rank_micro_batches(self.consumed_samples, c.micro_batch_size)
         batches = [self.collate([self.dataset[int(i)] for i in idx]) for idx in micro_indices]
         sample_ids = [sid for b in batches for sid in b.get("sample_ids", [])]
         flops = self._model_flops(batches)
+        known_shapes = len(self._graph_shapes)
         loss, grads, valid_tokens, padded_tokens = self.accumulate_gradients(batches)
         norm = float(self.grad_norm(grads).asnumpy())
         lr = self.lr_at(self.iteration + 1)
@@ -289,7 +285,7 @@ class Trainer:
             padded_tokens=padded_tokens,
             seconds=time.perf_counter() - start,
             sample_ids=sample_ids,
-            compiled=self._step_compiled,
+            compiled=len(self._graph_shapes) > known_shapes,
             flops=flops,
         )
 
