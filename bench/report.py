@@ -22,21 +22,25 @@ from datetime import datetime
 from typing import Any
 
 
+def _best_measured(doc: dict[str, Any], yardstick: str, key: str) -> float | None:
+    """A yardstick's best figure over the run's measurements of it (start and end of the session), if any."""
+    runs = doc.get("omni_fast", {}).get(yardstick, [])
+    return max((run[key] for run in runs if key in run), default=None)
+
+
 def peak_gflops(doc: dict[str, Any]) -> float | None:
-    """The run's GEMM peak: best over its measurements (start and end of the session)."""
-    runs = doc.get("omni_fast", {}).get("gemm", [])
-    return max((run["peak_gflops"] for run in runs), default=None)
+    """The run's GEMM peak (best torch/numpy 2048^3 matmul)."""
+    return _best_measured(doc, "gemm", "peak_gflops")
 
 
 def fma_ceiling(doc: dict[str, Any]) -> float | None:
-    """The run's fp32 FMA ceiling (multiply-add chains on every core): best over its measurements."""
-    runs = doc.get("omni_fast", {}).get("gemm", [])
-    return max((run["fma_ceiling_gflops"] for run in runs if "fma_ceiling_gflops" in run), default=None)
+    """The run's fp32 FMA ceiling (multiply-add chains on every core); older runs did not measure it."""
+    return _best_measured(doc, "gemm", "fma_ceiling_gflops")
 
 
 def copy_gbs(doc: dict[str, Any]) -> float | None:
-    runs = doc.get("omni_fast", {}).get("copy", [])
-    return max((run["best_gbs"] for run in runs), default=None)
+    """The run's copy bandwidth (best large-array copy)."""
+    return _best_measured(doc, "copy", "best_gbs")
 
 
 def add_derived(doc: dict[str, Any]) -> None:
